@@ -1,0 +1,166 @@
+"""The embedded default's model: a tiny Qwen3-VL checkpoint built offline and saved as a normal HF folder.
+
+Everything here produces files that a real Qwen3-VL checkpoint folder also has (config.json,
+model.safetensors, tokenizer.json, processor and chat template), so the kit loads the toy through
+exactly the same `from_pretrained` calls as Qwen3-VL-4B.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+# Qwen's special tokens, in Qwen's order, so prompts look like a real checkpoint's.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+
+# Qwen3-VL's chat template, reduced to what the kit uses: text and image parts, system prompt,
+# generation prompt. String content may hold <|vision_start|><|image_pad|><|vision_end|> directly.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    """Size of the toy Qwen3-VL. Defaults keep every study variant meaningful on a 2-core CPU."""
+
+    seed: int = 0
+    vocab_size: int = 640           # byte-level BPE learned from the toy corpus: ~1 token per Chinese character
+    text_hidden: int = 128
+    text_layers: int = 8            # LLM last-0/2/4 all leave a frozen prefix
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 384
+    vision_hidden: int = 64
+    vision_depth: int = 12          # vision last-6 stays behind the deepstack taps, as in the 4B model
+    vision_heads: int = 4
+    vision_intermediate: int = 256
+    deepstack: tuple[int, ...] = (1, 3, 5)   # early taps; 4B: (5, 11, 17) of 24
+    patch_size: int = 16
+    image_size: int = 128            # 128x128 → 8x8 patches → 16 tokens after the 2x2 merge
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer (like Qwen's) trained on the toy corpus: any text encodes, nothing is unknown."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sorted(set(corpus)), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=4096,
+        padding_side="left",  # generation pads on the left
+        chat_template=CHAT_TEMPLATE,
+    )
+    return fast
+
+
+def build_processor(tokenizer, spec: ToySpec):
+    """The real Qwen3-VL processor around the toy tokenizer; images are resized to spec.image_size squared."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    pixels = spec.image_size * spec.image_size
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=spec.patch_size, temporal_patch_size=2, merge_size=2,
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    video_processor = Qwen3VLVideoProcessor(patch_size=spec.patch_size, temporal_patch_size=2, merge_size=2)
+    return Qwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=video_processor, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_config(tokenizer, spec: ToySpec):
+    """A Qwen3VLConfig of the toy's size whose special-token ids are the tokenizer's."""
+    from transformers import Qwen3VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    head_dim = spec.text_hidden // spec.text_heads
+    # mrope splits head_dim/2 frequencies over (time, height, width) like the 4B's [24, 20, 20] of 64.
+    quarter = head_dim // 2
+    mrope = [quarter - 2 * (quarter * 5 // 16), quarter * 5 // 16, quarter * 5 // 16]
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
+            num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+            num_key_value_heads=spec.text_kv_heads, head_dim=head_dim, max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": mrope, "mrope_interleaved": True},
+            pad_token_id=ids["<|endoftext|>"], bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth, hidden_size=spec.vision_hidden, intermediate_size=spec.vision_intermediate,
+            num_heads=spec.vision_heads, patch_size=spec.patch_size, spatial_merge_size=2,
+            temporal_patch_size=2, out_hidden_size=spec.text_hidden,
+            num_position_embeddings=(spec.image_size // spec.patch_size) ** 2,
+            deepstack_visual_indexes=list(spec.deepstack),
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    return config
+
+
+def build_toy_checkpoint(out_dir: str | Path, corpus: Iterable[str], spec: ToySpec = ToySpec()) -> Path:
+    """Build tokenizer, processor and randomly initialised model from a seed and save them as an HF folder.
+
+    Written to a temporary folder first and renamed, so a half-built checkpoint is never left behind.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(corpus, spec.vocab_size)
+    processor = build_processor(tokenizer, spec)
+    config = build_config(tokenizer, spec)
+    torch.manual_seed(spec.seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=config.text_config.eos_token_id, pad_token_id=config.text_config.pad_token_id,
+        do_sample=False, max_new_tokens=48,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "toy_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
