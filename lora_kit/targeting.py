@@ -349,8 +349,9 @@ def targets_report(model: str, llm_last: int, vit_last: int, *, rank: int = 16, 
     if fmt == "json":
         return json.dumps(plan_json(plan, towers, rank), indent=2)
     if fmt == "swift":
-        return " \\\n  ".join(["swift sft"] + [shlex.quote(a) for a in swift_arguments(plan, towers, rank=rank,
-                                                                                         alpha=2 * rank)])
+        args = swift_arguments(plan, towers, rank=rank, alpha=2 * rank)
+        pairs = [f"{args[i]} {shlex.quote(args[i + 1])}" for i in range(0, len(args), 2)]
+        return " \\\n  ".join(["swift sft --model <checkpoint> --dataset <train.jsonl>"] + pairs)
     rows = plan_rows(plan, towers, rank)
     header = ("tower", "layer", "module", "parameters", "lora_parameters")
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) if rows else len(h) for h in header]

@@ -1,0 +1,794 @@
+"""Run parameters: defaults → profile → variant files → overrides, validated and frozen in a RunConfig.
+
+`RunConfig` is the one definition of every parameter: its type, its default and its meaning (the
+docstring under the field). params/defaults.yaml is rendered from it — edit the dataclass, then run
+`python -m lora_kit.config > params/defaults.yaml`; tests/test_config.py fails while the two differ.
+
+Everything is checked before any model is loaded, and every problem is reported at once in one
+ConfigError: where the value came from (file:line, "--set" or "override"), the parameter, the value,
+what was expected and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import textwrap
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from lora_kit.errors import ConfigError
+from lora_kit.paths import PARAMS_DIR
+TOY_MODELS = ("toy", "toy-stage2")  # embedded models; any other `model` is a local folder
+
+# The study (DESIGN.md): variant -> (llm_last, vit_last).
+STUDY_VARIANTS: dict[str, tuple[int, int]] = {
+    "A0": (0, 0), "A1": (2, 0), "A2": (4, 0),
+    "B1": (0, 2), "B2": (0, 4), "B3": (0, 6),
+    "C1": (2, 2), "C2": (2, 4), "C3": (2, 6),
+    "D1": (4, 2), "D2": (4, 4), "D3": (4, 6),
+}
+# Run order: A0 first (its metrics are the guardrail baseline); B1, C1 and the D row only on request.
+STUDY_PRIORITY = ("A0", "A1", "A2", "B2", "B3", "C2", "C3")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every parameter of one run. Build it with `load_config`; direct construction is validated too."""
+
+    # ---- variant and model ----
+    variant: str | None = None
+    """Run name, also the run folder outputs/runs/<variant>. null: load_config derives it from
+    llm_last/vit_last — the study's name for that pair (2/4 -> C2), otherwise L<llm_last>_V<vit_last>
+    (e.g. L3_V0). A study name must match its pair: C2 with llm_last 4 is an error."""
+    llm_last: int = 0
+    """LoRA on the last N decoder layers of the language model (0 = LLM tower untouched)."""
+    vit_last: int = 0
+    """LoRA on the last M blocks of the vision tower (0 = vision tower untouched). Counts larger than
+    a tower are reported when the model is loaded (targeting), not here."""
+    target_regex: str | None = None
+    """Instead of llm_last/vit_last: a regex matched with re.fullmatch against full module names, as
+    peft does (names start with `model.`). Needs llm_last 0, vit_last 0 and an explicit variant."""
+    model: str = "toy"
+    """Base model: `toy` (embedded stage-3 toy base), `toy-stage2` (its stage-2 checkpoint), or a
+    local Hugging Face model folder (e.g. a merged stage-3 Qwen3-VL-4B) with a config.json."""
+    profile: str = "toy"
+    """Parameter profile applied right after these defaults: params/profiles/<profile>.yaml, or
+    `none`. `toy` makes runs on the toy model show something in minutes on a CPU and is refused for
+    a real model folder."""
+    init_adapter: str | None = None
+    """peft adapter folder (with adapter_config.json) to start LoRA from; null = fresh LoRA."""
+    trust_remote_code: bool = False
+    """Passed to from_pretrained; only for model folders whose code you have read."""
+
+    # ---- data ----
+    train_file: str | None = None
+    """Training data, chat JSONL (messages + images); null = the toy world's file."""
+    val_file: str | None = None
+    """Validation data for eval loss, chat JSONL; null = the toy world's file."""
+    bench_file: str | None = None
+    """OOD / irrelevant mini-benchmark, chat JSONL with kind/expected/objects; null = the toy world's."""
+    general_file: str | None = None
+    """General-ability probes (free-form captions) for the caption-sanity guardrail; null = the toy
+    world's."""
+    spotcheck_file: str | None = None
+    """Images and prompts for the manual caption spot-check; null = the toy world's."""
+    terms_file: str | None = None
+    """Domain terms (one per line) the in-domain metrics look for; null = the toy world's."""
+    irrelevant_label: str = "无关图片"
+    """The answer expected for an irrelevant image (compared after NFKC/punctuation normalisation)."""
+    max_length: int = 2048
+    """Longest tokenized sample (or packed row), image tokens included."""
+    packing: bool = True
+    """Pack several samples into one row with a block-diagonal mask (exact on SDPA, see DESIGN.md)."""
+    augmentation: Literal["none", "crop_jitter"] = "none"
+    """Training-image augmentation: none, or crop_jitter (random crops around the full image)."""
+    augment_strength: float = 0.5
+    """How far crop_jitter may crop, as a fraction of the image side (0..1); unused with none."""
+    crop_jitter_k: int = 4
+    """Distinct jittered crops drawn per training image with crop_jitter."""
+    on_bad_sample: Literal["error", "skip"] = "error"
+    """A data line that cannot be used (missing image, no assistant turn): stop with an error, or
+    skip it and count it in summary.json."""
+
+    # ---- LoRA ----
+    lora_rank: int = 16
+    """LoRA rank r of every adapted linear layer."""
+    lora_alpha: int = 32
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    lora_dropout: float = 0.1
+    """Dropout on the LoRA input, in [0, 1)."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained in full and saved with the adapter, e.g. [merger] for the vision aligner
+    (needs freeze_aligner false)."""
+    freeze_llm: bool = False
+    """Assert the LLM tower stays frozen: true requires llm_last 0 (a guard for variant files)."""
+    freeze_vit: bool = False
+    """Assert the vision tower stays frozen: true requires vit_last 0."""
+    freeze_aligner: bool = True
+    """Keep the aligner (visual.merger, deepstack mergers) frozen; false lets modules_to_save train it."""
+
+    # ---- optimisation ----
+    learning_rate: float = 1e-4
+    """Learning rate of the LLM-tower parameters (and anything not vision or aligner)."""
+    vit_lr: float = 3e-4
+    """Learning rate of the vision-tower parameters."""
+    aligner_lr: float = 1e-4
+    """Learning rate of the aligner parameters (only when the aligner trains)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay; biases and norms are in the no-decay groups."""
+    warmup_ratio: float = 0.2
+    """Fraction of the optimizer steps spent warming the learning rate up, in [0, 1]."""
+    lr_scheduler_type: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    num_train_epochs: float = 3.0
+    """Passes over the training data; used when max_steps is -1."""
+    max_steps: int = -1
+    """Optimizer steps to train; -1 = run num_train_epochs instead."""
+    per_device_train_batch_size: int = 2
+    """Training samples (or packed rows) per device per step."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches accumulated into one optimizer step."""
+    seed: int = 42
+    """Seed of every random generator (data order, LoRA init, augmentation), 0 <= seed < 2**32."""
+
+    # ---- evaluation and checkpoints ----
+    per_device_eval_batch_size: int = 4
+    """Samples per device per evaluation batch (loss and generation)."""
+    eval_steps: int = 50
+    """Evaluate (eval loss + every guardrail metric) every N optimizer steps."""
+    save_steps: int = 50
+    """Save a checkpoint every N steps; a multiple of eval_steps, so that every checkpoint has the
+    guardrail metrics the best-checkpoint choice needs."""
+    logging_steps: int = 5
+    """Log training loss and learning rates to TensorBoard every N steps."""
+    max_new_tokens: int = 256
+    """Longest generated answer on the benchmark and the caption probes."""
+    eval_max_samples: int = 200
+    """At most this many samples per benchmark kind (irrelevant, ood, in_domain) per evaluation."""
+
+    # ---- guardrails (checked at every evaluation) ----
+    irrelevant_drop_max: float = 0.2
+    """Trigger when the irrelevant-image pass rate falls more than this fraction below baseline
+    (relative: 0.2 = a 20% drop) ..."""
+    irrelevant_min: float = 0.8
+    """... or below this absolute pass rate ..."""
+    irrelevant_patience: int = 2
+    """... for this many consecutive evaluations."""
+    hallucination_rise_max: float = 0.15
+    """Trigger when the hallucination rate rises more than this (absolute, 0.15 = 15 points) over
+    baseline."""
+    gap_widen_max: float = 0.06
+    """Trigger when the generalization gap (eval - train loss) widens more than this above its
+    best (lowest) value ..."""
+    gap_patience: int = 2
+    """... and keeps worsening for this many evaluation intervals."""
+    caption_patience: int = 2
+    """Trigger when free-form caption sanity degrades this many evaluations in a row."""
+    best_irrelevant_margin: float = 0.1
+    """Best checkpoint: only among checkpoints with irrelevant pass >= baseline - this ..."""
+    best_hallucination_margin: float = 0.1
+    """... and hallucination <= baseline + this; then the lowest eval loss wins."""
+    early_stopping: bool = True
+    """Stop the run when a guardrail triggers (false: record the trigger and keep training)."""
+
+    # ---- output and runtime ----
+    output_dir: str = "outputs/runs"
+    """Folder holding one run folder per variant."""
+    overwrite: bool = False
+    """Replace an existing run folder of the same variant instead of refusing to start."""
+    nproc: int = 1
+    """Processes (GPUs) one training run uses, like torchrun's --nproc_per_node; 1 on a CPU."""
+
+    def __post_init__(self) -> None:
+        values, problems = {}, []
+        for name, hint in _hints().items():
+            value, expected = _coerce(getattr(self, name), hint)
+            if expected is not None:
+                problems.append(_type_problem(name, getattr(self, name), expected, "RunConfig"))
+            elif value is not getattr(self, name):
+                object.__setattr__(self, name, value)  # int -> float, list -> tuple
+            values[name] = value
+        if not problems:
+            problems = _value_problems(values)
+        if problems:
+            for problem in problems:
+                problem.where = problem.where or "RunConfig(...)"
+            raise _config_error(problems)
+
+    @property
+    def variant_name(self) -> str:
+        """The run's name: `variant`, or the name derived from llm_last/vit_last when it is None."""
+        if self.variant is not None:
+            return self.variant
+        return derive_variant(self.llm_last, self.vit_last)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready dict of every parameter (lists, not tuples)."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)
+        }
+
+
+def derive_variant(llm_last: int, vit_last: int) -> str:
+    """The study's name for (llm_last, vit_last), e.g. (2, 4) -> "C2"; otherwise "L{llm}_V{vit}"."""
+    for name, pair in STUDY_VARIANTS.items():
+        if pair == (llm_last, vit_last):
+            return name
+    return f"L{llm_last}_V{vit_last}"
+
+
+# Not part of a run's identity: where it is written and whether an old one is replaced.
+_NOT_HASHED = ("output_dir", "overwrite")
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Stable 12-hex-digit hash of the resolved parameters (all but output_dir and overwrite).
+
+    Paths are hashed as written, not by content.
+    """
+    data = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    files: Sequence[str | Path] = (),
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    params_dir: str | Path = PARAMS_DIR,
+    overrides_source: str = "override",
+) -> RunConfig:
+    """Merge defaults.yaml → profile → each file in order → overrides, validate, and freeze.
+
+    The profile is the last `profile` set by overrides or files (default `toy`; `none` = no
+    profile). `overrides_source` names the overrides in error messages (the CLI passes "--set").
+    A None `variant` is replaced by `derive_variant(llm_last, vit_last)`.
+    Raises ConfigError listing every problem.
+    """
+    if isinstance(files, (str, Path)):
+        files = [files]
+    params_dir = Path(params_dir)
+    problems: list[_Problem] = []
+
+    defaults = _read_layer(params_dir / "defaults.yaml", problems)
+    file_layers = [_read_layer(Path(f), problems, params_dir) for f in files]
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, Mapping):
+        problems.append(_Problem(
+            f"overrides = {_show(overrides)}", "a dict of parameter names to values",
+            "pass e.g. {'learning_rate': 2e-4}", where=overrides_source))
+        overrides = {}
+    override_layer = _Layer(overrides_source, dict(overrides), {})
+    profile_layer = _profile_layer([defaults, *file_layers, override_layer], params_dir, problems)
+
+    values = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    origins = {name: "RunConfig default" for name in values}
+    layers = [defaults, *([profile_layer] if profile_layer else []), *file_layers, override_layer]
+    for layer in layers:
+        for key, value in layer.values.items():
+            where = layer.where(key)
+            if key not in _hints():
+                problems.append(_unknown_problem(key, value, where))
+                continue
+            if layer is profile_layer and key == "profile":
+                problems.append(_Problem(
+                    f"profile = {_show(value)}", "no `profile` inside a profile file",
+                    "delete this line; choose the profile in a variant file or with --set",
+                    where=where))
+                continue
+            coerced, expected = _coerce(value, _hints()[key])
+            if expected is not None:
+                problems.append(_type_problem(key, value, expected, layer.source, where))
+                continue
+            values[key] = coerced
+            origins[key] = where
+
+    checks = _value_problems(values)
+    if values["profile"] == "toy" and values["model"] not in TOY_MODELS:
+        checks.append(_Problem(
+            f"profile = toy and model = {_show(values['model'])}",
+            "the toy profile only with model toy or toy-stage2 (its learning rates and step "
+            "counts are tuned for the embedded toy model)",
+            "set profile: none for a real model folder", params=("profile", "model")))
+    for problem in checks:
+        problem.where = " and ".join(dict.fromkeys(origins[p] for p in problem.params))
+    problems += checks
+    if problems:
+        raise _config_error(problems)
+
+    if values["variant"] is None:
+        values["variant"] = derive_variant(values["llm_last"], values["vit_last"])
+    return RunConfig(**values)
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """Parse CLI `--set key=value` items into overrides.
+
+    Values are YAML, read safely (never eval'd): `true`, `3e-4` (a float here, unlike plain
+    yaml.safe_load), `[merger]`, `null`; an empty value is null. Keys are checked by load_config.
+    """
+    out: dict[str, Any] = {}
+    problems: list[_Problem] = []
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(_Problem(
+                f"{_show(item)}", "key=value", "write e.g. --set learning_rate=2e-4",
+                where="--set"))
+            continue
+        try:
+            value = yaml.load(text, Loader=_Loader)
+        except _YAML_ERRORS as err:
+            problems.append(_Problem(
+                f"{key} = {_show(text)}", f"a YAML value ({_one_line(err)})",
+                f"quote the value, e.g. --set '{key}=\"...\"'", where="--set"))
+            continue
+        if key in out:
+            problems.append(_Problem(
+                f"{key} = {_show(value)}", "each parameter once",
+                f"drop one of the --set {key}=... items", where="--set"))
+            continue
+        out[key] = value
+    if problems:
+        raise _config_error(problems)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# defaults.yaml is rendered from RunConfig
+
+_DEFAULTS_HEADER = """\
+# lora_kit run parameters: every parameter with its default (the stage-3 winner) and its meaning.
+# Launch a variant:   python -m lora_kit train -f params/C2.yaml
+# Change a value:     python -m lora_kit train -f params/C2.yaml --set learning_rate=2e-4
+# Merge order: this file -> params/profiles/<profile>.yaml -> each -f file -> --set.
+# Generated from RunConfig in lora_kit/config.py: edit the defaults there, then run
+#   python -m lora_kit.config > params/defaults.yaml"""
+
+# First field of each section -> its title.
+_SECTIONS = {
+    "variant": "variant and model", "train_file": "data", "lora_rank": "LoRA",
+    "learning_rate": "optimisation", "per_device_eval_batch_size": "evaluation and checkpoints",
+    "irrelevant_drop_max": "guardrails (checked at every evaluation)",
+    "output_dir": "output and runtime",
+}
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each RunConfig field's docstring, one paragraph per field (read from this file's source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(RunConfig)))
+    except (OSError, TypeError):  # source not shipped
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def defaults_yaml() -> str:
+    """The text params/defaults.yaml must hold: each field's doc as a comment, then its default."""
+    lines = [_DEFAULTS_HEADER]
+    docs = field_docs()
+    for f in dataclasses.fields(RunConfig):
+        if f.name in _SECTIONS:
+            lines += ["", f"# ==== {_SECTIONS[f.name]} ===="]
+        lines.append("")
+        lines += [f"# {line}" for line in textwrap.wrap(docs.get(f.name, ""), 98)]
+        lines.append(f"{f.name}: {_yaml_value(f.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, float) and 0 < abs(value) < 1e-2:  # 1.0e-4 reads better than 0.0001
+        mantissa, exponent = f"{value:.12e}".split("e")
+        mantissa = mantissa.rstrip("0")
+        mantissa += "0" if mantissa.endswith(".") else ""
+        text = f"{mantissa}e{int(exponent)}"
+        if float(text) == value:
+            return text
+    text = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
+                          allow_unicode=True, default_flow_style=True, width=10**6)
+    return text.removesuffix("\n...\n").rstrip("\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading YAML with line numbers
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-4 / 3E5 as floats (YAML 1.1 wants a dot: 1.0e-4)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+# What parsing untrusted text can raise: PyYAML's own errors, plus ValueError for impossible
+# dates (2024-13-01), RecursionError for very deep nesting.
+_YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+@dataclass
+class _Layer:
+    source: str  # a file as shown to the user, "--set" or "override"
+    values: dict[Any, Any]
+    lines: dict[str, int]  # key -> line number in the file
+
+    def where(self, key: Any) -> str:
+        line = self.lines.get(key) if isinstance(key, str) else None
+        return f"{self.source}:{line}" if line else self.source
+
+
+def _read_layer(path: Path, problems: list[_Problem], params_dir: Path | None = None) -> _Layer:
+    """Read one YAML parameter file; its problems go to `problems` and it then counts as empty."""
+    shown = _display(path)
+    empty = _Layer(shown, {}, {})
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        fix = "check the path (relative paths start at the current folder)"
+        if params_dir is not None and (params_dir / f"{path.stem}.yaml").is_file() \
+                and path != params_dir / f"{path.stem}.yaml":
+            fix = f"did you mean {_display(params_dir / f'{path.stem}.yaml')}?"
+        problems.append(_Problem("file not found", "an existing YAML file", fix, where=shown))
+        return empty
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        problems.append(_Problem(
+            f"file cannot be read ({_one_line(err)})", "a UTF-8 YAML file",
+            "check the path and save the file as UTF-8", where=shown))
+        return empty
+
+    loader = None
+    try:
+        loader = _Loader(text)  # checks for unprintable characters already
+        node = loader.get_single_node()
+        if node is None:  # empty or comments only
+            return empty
+        if not isinstance(node, yaml.MappingNode):
+            kind = "list" if isinstance(node, yaml.SequenceNode) else "single value"
+            problems.append(_Problem(
+                f"the top level is a {kind}", "a mapping of parameter names to values",
+                "write one `name: value` per line, e.g. `learning_rate: 1.0e-4`",
+                where=f"{shown}:{node.start_mark.line + 1}"))
+            return empty
+        lines: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in lines:
+                problems.append(_Problem(
+                    f"{key} is set twice (also on line {lines[key]})", "each parameter once per file",
+                    "delete one of the two lines", where=f"{shown}:{line}"))
+            lines[key] = line  # the value that counts is the last one
+        values = loader.construct_document(node)
+    except _YAML_ERRORS as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        if mark is not None:
+            where = f"{shown}:{mark.line + 1}"
+        elif isinstance(err, yaml.reader.ReaderError):
+            where = f"{shown}:{text[: err.position].count(chr(10)) + 1}"
+        else:
+            where = shown
+        problems.append(_Problem(
+            f"malformed YAML ({_one_line(err)})", "valid YAML, one `name: value` per line",
+            "correct the syntax there; quote values that contain ': ' or ' #'", where=where))
+        return empty
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return _Layer(shown, values, lines)
+
+
+def _profile_layer(layers: list[_Layer], params_dir: Path, problems: list[_Problem]) -> _Layer | None:
+    """The profile file named by the last layer that sets `profile` (RunConfig's default if none)."""
+    name, where = RunConfig.profile, "RunConfig default"
+    for layer in layers:
+        if "profile" in layer.values:
+            name, where = layer.values["profile"], layer.where("profile")
+    if not isinstance(name, str) or name == "none" or not _NAME.fullmatch(name):
+        return None  # type / name problems are reported with the other values
+    path = params_dir / "profiles" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (params_dir / "profiles").glob("*.yaml"))
+        problems.append(_Problem(
+            f"profile = {_show(name)}", f"none or a file in {_display(params_dir / 'profiles')}",
+            f"use one of: none, {', '.join(known) or '(no profile files found)'}", where=where))
+        return None
+    return _read_layer(path, problems)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class _Problem:
+    what: str  # "learning_rate = -1.0", or what is wrong with a file
+    expected: str
+    fix: str
+    params: tuple[str, ...] = ()  # the parameters involved, to look up where each was set
+    where: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what}: expected {self.expected}. Fix: {self.fix}"
+
+
+def _config_error(problems: list[_Problem]) -> ConfigError:
+    lines = [str(p) for p in problems]
+    s = "" if len(lines) == 1 else "s"
+    err = ConfigError(
+        f"{len(lines)} problem{s} in the run parameters:\n" + "\n".join(f"  - {x}" for x in lines))
+    err.problems = lines  # the same lines one by one
+    return err
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return get_type_hints(RunConfig)
+
+
+def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
+    """(value converted to `hint`, None), or (None, what was expected)."""
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None, None
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        converted, expected = _coerce(value, inner)
+        return (converted, None) if expected is None else (None, f"null or {expected}")
+    if origin is Literal:
+        choices = get_args(hint)
+        if isinstance(value, str) and value in choices:
+            return value, None
+        return None, "one of " + ", ".join(choices)
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+            return tuple(value), None
+        return None, "a list of strings"
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (None, "true or false")
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return (value, None) if ok else (None, "an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                if math.isfinite(value):
+                    return float(value), None
+            except OverflowError:
+                pass
+        return None, "a finite number"
+    if hint is str:
+        return (value, None) if isinstance(value, str) else (None, "a string")
+    raise TypeError(f"RunConfig field type {hint!r} has no check")  # a bug in this file
+
+
+def _type_problem(key: str, value: Any, expected: str, source: str, where: str = "") -> _Problem:
+    example = _yaml_value(_example(key))
+    fix = f"--set {key}={example}" if source == "--set" else f"{key}: {example}"
+    if isinstance(value, str) and "string" not in expected and not expected.startswith("one of"):
+        fix += " (unquoted)"
+    return _Problem(f"{key} = {_show(value)}", expected, f"write it like `{fix}`", where=where)
+
+
+def _example(key: str) -> Any:
+    default = next(f.default for f in dataclasses.fields(RunConfig) if f.name == key)
+    examples = {"modules_to_save": ["merger"], "init_adapter": "path/to/adapter",
+                "target_regex": r"model\.language_model\.layers\.(34|35)\..*_proj"}
+    return examples.get(key, default) if default in (None, ()) else default
+
+
+def _unknown_problem(key: Any, value: Any, where: str) -> _Problem:
+    close = difflib.get_close_matches(str(key), list(_hints()), n=1, cutoff=0.6)
+    fix = f"did you mean {close[0]}?" if close else "see params/defaults.yaml for every parameter"
+    return _Problem(f"{key} = {_show(value)}" if isinstance(key, str) else f"key {_show(key)}",
+                    "a known parameter name", fix, params=(), where=where)
+
+
+# Smallest allowed value of each integer count.
+_AT_LEAST = {
+    "llm_last": 0, "vit_last": 0, "lora_rank": 1, "lora_alpha": 1, "crop_jitter_k": 1,
+    "max_length": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
+    "gradient_accumulation_steps": 1, "seed": 0, "eval_steps": 1, "save_steps": 1,
+    "logging_steps": 1, "max_new_tokens": 1, "eval_max_samples": 1, "irrelevant_patience": 1,
+    "gap_patience": 1, "caption_patience": 1, "nproc": 1,
+}
+_LEARNING_RATES = ("learning_rate", "vit_lr", "aligner_lr")  # > 0
+_FRACTIONS = (  # in [0, 1]
+    "warmup_ratio", "augment_strength", "irrelevant_drop_max", "irrelevant_min",
+    "hallucination_rise_max", "best_irrelevant_margin", "best_hallucination_margin",
+)
+_NON_NEGATIVE = ("weight_decay", "gap_widen_max", "num_train_epochs")
+_DATA_FILES = ("train_file", "val_file", "bench_file", "general_file", "spotcheck_file", "terms_file")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # variant and profile names: folder-safe
+_ALIGNER = "merger"  # visual.merger and visual.deepstack_merger_list
+
+
+def _value_problems(c: dict[str, Any]) -> list[_Problem]:
+    """Range checks, contradictions and missing files on correctly typed values."""
+    out: list[_Problem] = []
+
+    def bad(params: Sequence[str], expected: str, fix: str) -> None:
+        what = " and ".join(f"{p} = {_show(c[p])}" for p in params)
+        out.append(_Problem(what, expected, fix, tuple(params)))
+
+    def default(name: str) -> Any:
+        return getattr(RunConfig, name)
+
+    for name, low in _AT_LEAST.items():
+        if c[name] < low:
+            bad([name], f"an integer >= {low}", f"set {name} to {low} or more (default {default(name)})")
+    if c["seed"] >= 2**32:
+        bad(["seed"], "an integer below 2**32", f"use a smaller seed, e.g. {default('seed')}")
+    for name in _LEARNING_RATES:
+        if c[name] <= 0:
+            bad([name], "a learning rate > 0", f"set {name} to e.g. {default(name)}")
+    for name in _FRACTIONS:
+        if not 0 <= c[name] <= 1:
+            bad([name], "a fraction in [0, 1]", f"set {name} to e.g. {default(name)}")
+    for name in _NON_NEGATIVE:
+        if c[name] < 0:
+            bad([name], "a number >= 0", f"set {name} to e.g. {default(name)}")
+    if not 0 <= c["lora_dropout"] < 1:
+        bad(["lora_dropout"], "a dropout in [0, 1)", f"set lora_dropout to e.g. {default('lora_dropout')}")
+    if c["max_steps"] == 0 or c["max_steps"] < -1:
+        bad(["max_steps"], "-1 (train num_train_epochs) or a step count >= 1",
+            "set max_steps to -1 or a positive number of steps")
+    elif c["max_steps"] == -1 and c["num_train_epochs"] <= 0:
+        bad(["max_steps", "num_train_epochs"], "num_train_epochs > 0 when max_steps is -1",
+            "set num_train_epochs > 0, or max_steps to a positive step count")
+    if c["eval_steps"] >= 1 and c["save_steps"] >= 1 and c["save_steps"] % c["eval_steps"]:
+        bad(["save_steps", "eval_steps"],
+            "save_steps a multiple of eval_steps (the best checkpoint is chosen on guardrail "
+            "metrics, which exist only at evaluation steps)",
+            f"set save_steps to {c['eval_steps']} or a multiple of it")
+
+    # variant and targeting
+    variant, llm, vit, regex = c["variant"], c["llm_last"], c["vit_last"], c["target_regex"]
+    if variant is not None and not _NAME.fullmatch(variant):
+        bad(["variant"], "a folder-safe name: letters, digits, _ . - (at most 64, no slash)",
+            "rename it, e.g. C2_lr2e-4")
+    elif variant in STUDY_VARIANTS and STUDY_VARIANTS[variant] != (llm, vit) and regex is None:
+        want = STUDY_VARIANTS[variant]
+        bad(["variant", "llm_last", "vit_last"],
+            f"llm_last = {want[0]} and vit_last = {want[1]}, the study's {variant}",
+            f"set variant: null (derives {derive_variant(llm, vit)}) or a new name for this pair")
+    if regex is not None:
+        try:
+            re.compile(regex)
+            compiled = True
+        except (re.error, OverflowError, RecursionError, ValueError) as err:
+            compiled = False
+            bad(["target_regex"], f"a valid regular expression ({_one_line(err)})",
+                r"fix the regex, e.g. model\.language_model\.layers\.(34|35)\..*_proj")
+        if compiled and not regex:
+            bad(["target_regex"], "a non-empty regex", "set target_regex: null to use llm_last/vit_last")
+        if llm or vit:
+            bad(["target_regex", "llm_last", "vit_last"],
+                "either target_regex or llm_last/vit_last, not both",
+                "set llm_last: 0 and vit_last: 0, or target_regex: null")
+        if variant is None or variant in STUDY_VARIANTS:
+            bad(["target_regex", "variant"],
+                "an explicit variant name that is not a study name (the run folder is named by it)",
+                "set variant to a name of your own, e.g. R_last2_qkv")
+    if not _NAME.fullmatch(c["profile"]):
+        bad(["profile"], "none or the name of a file in params/profiles/", "set profile: toy or profile: none")
+
+    # freezing
+    if c["freeze_llm"] and llm > 0:
+        bad(["freeze_llm", "llm_last"], "llm_last = 0 while the LLM tower is frozen",
+            "set llm_last: 0, or freeze_llm: false")
+    if c["freeze_vit"] and vit > 0:
+        bad(["freeze_vit", "vit_last"], "vit_last = 0 while the vision tower is frozen",
+            "set vit_last: 0, or freeze_vit: false")
+    aligner = [m for m in c["modules_to_save"] if _ALIGNER in m]
+    if c["freeze_aligner"] and aligner:
+        bad(["freeze_aligner", "modules_to_save"],
+            f"no aligner module ({', '.join(aligner)}) in modules_to_save while the aligner is frozen",
+            "set freeze_aligner: false to train it, or remove it from modules_to_save")
+    if any(not m.strip() for m in c["modules_to_save"]):
+        bad(["modules_to_save"], "non-empty module names", "remove the empty entries")
+
+    # strings and files
+    for name in ("irrelevant_label", "output_dir"):
+        if not c[name].strip():
+            bad([name], "a non-empty string", f"set {name} to e.g. {default(name)}")
+    model = c["model"]
+    if model not in TOY_MODELS and not _is_file(Path(model) / "config.json"):
+        found = "a folder without config.json" if _is_dir(Path(model)) else "no such folder"
+        bad(["model"], f"toy, toy-stage2 or a Hugging Face model folder ({found})",
+            "give the folder holding config.json and the weights, or model: toy")
+    adapter = c["init_adapter"]
+    if adapter is not None and not _is_file(Path(adapter) / "adapter_config.json"):
+        found = "a folder without adapter_config.json" if _is_dir(Path(adapter)) else "no such folder"
+        bad(["init_adapter"], f"a peft adapter folder ({found})",
+            "give a folder saved by peft (e.g. a run's checkpoints/<step>), or init_adapter: null")
+    for name in _DATA_FILES:
+        if c[name] is not None and not _is_file(Path(c[name])):
+            bad([name], "an existing file (relative paths start at the current folder)",
+                f"check the path, or set {name}: null for the toy world's file")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # name too long, NUL byte
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def _display(path: Path) -> str:
+    """A path as the user should read it: relative to the current folder when inside it."""
+    try:
+        rel = os.path.relpath(os.path.abspath(path))
+    except (ValueError, OSError):
+        return str(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value as YAML/JSON would write it, cut to `limit` characters."""
+    if isinstance(value, bool) or value is None:
+        text = json.dumps(value)
+    elif isinstance(value, str) and value and value == value.strip() and _NAME.fullmatch(value):
+        text = value
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=repr)
+        except (ValueError, TypeError, RecursionError):
+            text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, yaml.MarkedYAMLError):  # its str() repeats the source with ^ markers
+        text = " ".join(str(x) for x in (err.context, err.problem) if x)
+    else:
+        text = str(err)
+    return " ".join(text.split())[:200]
+
+
+if __name__ == "__main__":
+    print(defaults_yaml(), end="")
