@@ -12,3 +12,8 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 def outputs_dir() -> Path:
     """The outputs folder: $LORA_KIT_OUTPUTS when set (tests use a temporary one), else <repo>/outputs."""
     return Path(os.environ.get("LORA_KIT_OUTPUTS") or REPO_ROOT / "outputs")
+
+
+def runs_dir(output_dir: str | None = None) -> Path:
+    """Where run folders go: `output_dir` when given (relative to the current folder), else <outputs>/runs."""
+    return Path(output_dir).expanduser().resolve() if output_dir else outputs_dir() / "runs"

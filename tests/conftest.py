@@ -27,3 +27,14 @@ def toy_ckpt(tmp_path_factory) -> Path:
     from lora_kit.toy.model import build_toy_checkpoint
 
     return build_toy_checkpoint(tmp_path_factory.mktemp("toy") / "ckpt", CORPUS)
+
+
+@pytest.fixture(scope="session")
+def mini_world(tmp_path_factory) -> Path:
+    """A miniature toy world (few images) written like real data."""
+    from lora_kit.toy.world import WorldSpec, build_world
+
+    out = tmp_path_factory.mktemp("world") / "world"
+    build_world(WorldSpec(seed=3, n_pretrain=40, n_pretrain_val=10, n_task_train=24, n_task_val=8,
+                          n_bench_per_kind=4, n_general_eval=6), out)
+    return out

@@ -59,7 +59,7 @@ def test_special_tokens_match_the_config(toy_ckpt):
 
 
 def test_any_text_encodes_and_decodes_without_unknown_tokens():
-    tok = build_tokenizer(CORPUS, 400)
+    tok = build_tokenizer(CORPUS)
     for text in ["无关图片", "naïve café ∂x/∂t", "繁體字與標點！", "emoji 🙂 and tabs\t", "ラーメン"]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id is None or tok.unk_token_id not in ids
@@ -82,7 +82,7 @@ def _digest(folder):
 
 def test_build_is_deterministic_from_the_seed(tmp_path):
     small = ToySpec(text_layers=8, vision_depth=8, deepstack=(1, 2, 3), text_hidden=32, text_heads=2, text_kv_heads=1,
-                    text_intermediate=64, vision_hidden=32, vision_heads=2, vision_intermediate=64, vocab_size=400)
+                    text_intermediate=64, vision_hidden=32, vision_heads=2, vision_intermediate=64)
     a = _digest(build_toy_checkpoint(tmp_path / "a", CORPUS, small))
     b = _digest(build_toy_checkpoint(tmp_path / "b", CORPUS, small))
     c = _digest(build_toy_checkpoint(tmp_path / "c", CORPUS, ToySpec(**{**small.__dict__, "seed": 1})))
@@ -91,7 +91,7 @@ def test_build_is_deterministic_from_the_seed(tmp_path):
 
 
 def test_config_mrope_sections_fill_half_the_head_dim():
-    tok = build_tokenizer(CORPUS, 400)
+    tok = build_tokenizer(CORPUS)
     for heads, hidden in [(4, 128), (2, 32), (8, 512)]:
         cfg = build_config(tok, ToySpec(text_heads=heads, text_hidden=hidden, text_kv_heads=1))
         section = cfg.text_config.rope_parameters["mrope_section"]

@@ -41,7 +41,6 @@ class ToySpec:
     """Size of the toy Qwen3-VL. Defaults keep every study variant meaningful on a 2-core CPU."""
 
     seed: int = 0
-    vocab_size: int = 640           # byte-level BPE learned from the toy corpus: ~1 token per Chinese character
     text_hidden: int = 128
     text_layers: int = 8            # LLM last-0/2/4 all leave a frozen prefix
     text_heads: int = 4
@@ -56,22 +55,27 @@ class ToySpec:
     image_size: int = 128            # 128x128 → 8x8 patches → 16 tokens after the 2x2 merge
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int):
-    """A byte-level BPE tokenizer (like Qwen's) trained on the toy corpus: any text encodes, nothing is unknown."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(corpus: Iterable[str]):
+    """A character-level tokenizer with byte fallback: one token per character of the toy corpus and of
+    printable ASCII, and any other text as UTF-8 byte tokens, so nothing a user writes is unknown.
+
+    Characters rather than learned merges keep Chinese at about one token per character (as in Qwen's
+    tokenizer) instead of whole toy phrases becoming single tokens. The vocabulary is sorted, so the
+    tokenizer is deterministic.
+    """
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(sorted(set(corpus)), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
+    chars = sorted({c for text in corpus for c in text} | {chr(i) for i in range(32, 127)} | {"\n", "\t"})
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, fuse_unk=False))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -80,7 +84,6 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int):
         padding_side="left",  # generation pads on the left
         chat_template=CHAT_TEMPLATE,
     )
-    return fast
 
 
 def build_processor(tokenizer, spec: ToySpec):
@@ -142,7 +145,7 @@ def build_toy_checkpoint(out_dir: str | Path, corpus: Iterable[str], spec: ToySp
     from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(corpus, spec.vocab_size)
+    tokenizer = build_tokenizer(corpus)
     processor = build_processor(tokenizer, spec)
     config = build_config(tokenizer, spec)
     torch.manual_seed(spec.seed)

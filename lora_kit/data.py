@@ -1,0 +1,244 @@
+"""Chat JSONL in, model tensors out: reading and checking samples, tokenization, assistant-only labels, batches.
+
+The format is the one ms-swift and similar tools use (see DESIGN.md): one JSON object per line with
+`messages` (system / user / assistant turns, `<image>` marking each image) and `images` (paths relative
+to the JSONL file's folder). Benchmark files add fields such as `kind`, `expected` and `objects`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DataError
+
+IMAGE_MARK = "<image>"
+IGNORE_INDEX = -100  # label value the loss ignores
+ROLES = {"system", "user", "assistant"}
+
+
+@dataclass
+class Sample:
+    """One conversation with its images, and where it came from (for error messages)."""
+
+    messages: list[dict[str, str]]
+    images: list[Path]
+    source: str                      # "file:line"
+    extra: dict[str, Any] = field(default_factory=dict)  # kind, expected, objects, ...
+
+
+@dataclass
+class Encoded:
+    """Token ids, labels and the image tensors of one sample."""
+
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor | None   # (patches, patch_dim)
+    image_grid_thw: torch.Tensor | None  # (images, 3)
+    source: str = ""
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def _check_row(row: Any, where: str, folder: Path, need_assistant: bool) -> Sample:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with 'messages' and 'images', got {type(row).__name__}.")
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be {{\"role\": one of {sorted(ROLES)}, \"content\": str}}, "
+                            f"got {json.dumps(m, ensure_ascii=False)[:120]}.")
+    images = row.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise DataError(f"{where}: 'images' must be a list of image paths (strings).")
+    marks = sum(m["content"].count(IMAGE_MARK) for m in messages)
+    if marks != len(images):
+        raise DataError(f"{where}: the messages hold {marks} '{IMAGE_MARK}' marks but 'images' lists {len(images)} "
+                        "paths; put one <image> in the user text for each image.")
+    if need_assistant and (messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip()):
+        raise DataError(f"{where}: the last message must be a non-empty assistant turn (the answer to learn).")
+    paths = [(folder / p) if not Path(p).is_absolute() else Path(p) for p in images]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{where}: image {str(p)!r} does not exist (relative paths resolve against the "
+                            "JSONL file's folder).")
+    extra = {k: v for k, v in row.items() if k not in ("messages", "images")}
+    return Sample(messages=messages, images=paths, source=where, extra=extra)
+
+
+def read_jsonl(path: str | Path, *, on_bad_sample: str = "error", need_assistant: bool = True
+               ) -> tuple[list[Sample], list[str]]:
+    """Read and check a chat JSONL file; returns (samples, skipped) where skipped lists 'file:line: why'."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist; check the *_file parameters.")
+    samples, skipped = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}).") from None
+                samples.append(_check_row(row, where, path.parent, need_assistant))
+            except DataError as e:
+                if on_bad_sample != "skip":
+                    raise DataError(f"{e} (set on_bad_sample: skip to skip bad samples and count them)") from None
+                skipped.append(str(e))
+    return samples, skipped
+
+
+def load_images(sample: Sample) -> list:
+    """The sample's images as RGB PIL images; an undecodable file is a DataError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for p in sample.images:
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{sample.source}: image {str(p)!r} cannot be decoded ({e}).") from None
+    return images
+
+
+class Encoder:
+    """Turns samples into token ids with assistant-only labels, through the checkpoint's own processor."""
+
+    def __init__(self, processor, max_length: int):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_length = max_length
+        self.image_pad = processor.image_token
+        self.vision_placeholder = processor.vision_start_token + processor.image_token + processor.vision_end_token
+        self.image_token_id = processor.image_token_id
+
+    def _chat(self, messages, add_generation_prompt=False) -> str:
+        converted = [{"role": m["role"], "content": m["content"].replace(IMAGE_MARK, self.vision_placeholder)}
+                     for m in messages]
+        return self.processor.apply_chat_template(converted, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def pixels(self, images, augment=None):
+        """pixel_values and image_grid_thw of a list of PIL images (None, None when there are none)."""
+        if not images:
+            return None, None
+        if augment is not None:
+            images = [augment(im) for im in images]
+        out = self.processor.image_processor(images=images, return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def _tokenize(self, text: str, grid) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets (in `text`) with each image pad expanded to its token count."""
+        merge = self.processor.image_processor.merge_size ** 2
+        counts = [int(g.prod()) // merge for g in grid] if grid is not None else []
+        pieces = text.split(self.image_pad)
+        if len(pieces) - 1 != len(counts):
+            raise DataError(f"internal: {len(pieces) - 1} image pads for {len(counts)} images")
+        ids, offsets, pos = [], [], 0
+        for k, piece in enumerate(pieces):
+            enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+            ids += enc["input_ids"]
+            offsets += [(pos + a, pos + b) for a, b in enc["offset_mapping"]]
+            pos += len(piece)
+            if k < len(counts):
+                ids += [self.image_token_id] * counts[k]
+                offsets += [(pos, pos + len(self.image_pad))] * counts[k]
+                pos += len(self.image_pad)
+        return ids, offsets
+
+    def encode(self, sample: Sample, augment=None) -> Encoded:
+        """Ids and labels of the whole conversation; only assistant turns (and their end token) are supervised."""
+        text = self._chat(sample.messages)
+        spans = []
+        for i, m in enumerate(sample.messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = self._chat(sample.messages[:i], add_generation_prompt=True)
+            upto = self._chat(sample.messages[:i + 1])
+            if not (text.startswith(upto) and upto.startswith(prefix)):
+                raise DataError(f"{sample.source}: the chat template does not render turns as prefixes; "
+                                "lora_kit cannot find the assistant tokens to supervise.")
+            end = len(upto.rstrip())  # the newline after the end-of-turn token is not learned
+            spans.append((len(prefix), end))
+        pixel_values, grid = self.pixels(load_images(sample), augment)
+        ids, offsets = self._tokenize(text, grid)
+        labels = [tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+                  for tok, (s, _) in zip(ids, offsets)]
+        if len(ids) > self.max_length:
+            raise DataError(f"{sample.source}: {len(ids)} tokens, longer than max_length={self.max_length}; "
+                            "raise max_length or shorten the sample.")
+        return Encoded(ids, labels, pixel_values, grid, sample.source)
+
+    def encode_prompt(self, sample: Sample, augment=None) -> Encoded:
+        """The conversation up to (not including) its final assistant turn, ending with the generation prompt."""
+        messages = sample.messages[:-1] if sample.messages[-1]["role"] == "assistant" else sample.messages
+        text = self._chat(messages, add_generation_prompt=True)
+        pixel_values, grid = self.pixels(load_images(sample), augment)
+        ids, _ = self._tokenize(text, grid)
+        return Encoded(ids, [IGNORE_INDEX] * len(ids), pixel_values, grid, sample.source)
+
+
+class AugmentedDataset(torch.utils.data.Dataset):
+    """Training samples encoded when drawn, so each epoch sees a new augmentation of every image."""
+
+    def __init__(self, samples: list[Sample], encoder: Encoder, augment):
+        self.samples, self.encoder, self.augment = samples, encoder, augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Encoded:
+        return self.encoder.encode(self.samples[i], self.augment)
+
+
+def _cat_images(batch: list[Encoded]):
+    pv = [e.pixel_values for e in batch if e.pixel_values is not None]
+    grid = [e.image_grid_thw for e in batch if e.image_grid_thw is not None]
+    return (torch.cat(pv), torch.cat(grid)) if pv else (None, None)
+
+
+def collate_padded(batch: list[Encoded], pad_id: int, image_token_id: int, padding_side: str = "right") -> dict:
+    """A padded batch with attention mask; left padding for generation, right padding for training."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
+        ids[row, cols] = torch.tensor(e.input_ids)
+        labels[row, cols] = torch.tensor(e.labels)
+        mask[row, cols] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+           "mm_token_type_ids": (ids == image_token_id).int()}
+    pixel_values, grid = _cat_images(batch)
+    if pixel_values is not None:
+        out["pixel_values"], out["image_grid_thw"] = pixel_values, grid
+    return out
+
+
+def text_of(sample: Sample, role: str = "assistant") -> str:
+    """The content of the sample's last message of `role` (the reference answer for assistants)."""
+    return next((m["content"] for m in reversed(sample.messages) if m["role"] == role), "")
+
+
+def corpus_texts(paths: list[Path]) -> list[str]:
+    """Every message text of some JSONL files (with <image> marks removed), e.g. to train a tokenizer."""
+    texts = []
+    for p in paths:
+        for line in open(p, encoding="utf-8"):
+            if line.strip():
+                texts += [re.sub(re.escape(IMAGE_MARK), "", m["content"]) for m in json.loads(line)["messages"]]
+    return texts

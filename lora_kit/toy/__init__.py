@@ -1,0 +1,122 @@
+"""The embedded default: procedural world, tiny Qwen3-VL, pretrained toy base, cached under outputs/toy/<key>/.
+
+    outputs/toy/<key>/world/          chat JSONL + images (see world.py)
+    outputs/toy/<key>/init/           the randomly initialised checkpoint (HF folder)
+    outputs/toy/<key>/stage2/         the base early in pretraining (restart baseline)
+    outputs/toy/<key>/stage3/         the final base: what `model: toy` loads
+    outputs/toy/<key>/base_report.json
+
+The key hashes every setting and the code versions, so changing any of them builds a new toy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..paths import outputs_dir
+from .model import ToySpec, build_toy_checkpoint
+from .pretrain import PretrainSpec
+from .world import WORLD_VERSION, WorldSpec, build_world
+
+TOY_VERSION = 1  # bump when model building, pretraining or the report change
+TOY_MODELS = {"toy": "stage3", "toy-stage2": "stage2"}
+
+
+@dataclass(frozen=True)
+class ToyBuild:
+    """Everything that decides the toy base."""
+
+    world: WorldSpec = field(default_factory=WorldSpec)
+    model: ToySpec = field(default_factory=ToySpec)
+    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+
+    def key(self) -> str:
+        blob = json.dumps({"toy": TOY_VERSION, "world": WORLD_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    def root(self) -> Path:
+        return outputs_dir() / "toy" / self.key()
+
+
+DEFAULT = ToyBuild()
+
+
+def world_dir(build: ToyBuild = DEFAULT, *, create: bool = True) -> Path:
+    """The toy world's folder, generated if missing."""
+    out = build.root() / "world"
+    if create and not (out / "world.json").exists():
+        build_world(build.world, out)
+    return out
+
+
+def init_dir(build: ToyBuild = DEFAULT) -> Path:
+    """The randomly initialised toy checkpoint (tokenizer trained on the world's text), built if missing."""
+    from ..data import corpus_texts
+
+    out = build.root() / "init"
+    if not (out / "config.json").exists():
+        world = world_dir(build)
+        build_toy_checkpoint(out, corpus_texts(sorted(world.glob("*.jsonl"))), build.model)
+    return out
+
+
+def resolve_model(model: str, *, weights: bool = True, build: ToyBuild = DEFAULT) -> Path:
+    """The checkpoint folder for `model`: 'toy' (stage 3), 'toy-stage2', or a folder path.
+
+    With weights=False (planning targets) the toy's structure is enough, so an unbuilt toy resolves to
+    its randomly initialised checkpoint, which has the same modules, instead of pretraining it first.
+    """
+    if model in TOY_MODELS:
+        stage = build.root() / TOY_MODELS[model]
+        if (stage / "config.json").exists():
+            return stage
+        if not weights:
+            return init_dir(build)
+        build_toy(build=build)
+        return stage
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"model={model!r}: no such folder; give a local checkpoint folder or 'toy'.")
+    return path
+
+
+def build_toy(*, build: ToyBuild = DEFAULT, progress: bool = True) -> dict:
+    """Build (once) the toy world, the pretrained stage-2 and stage-3 bases and the base report."""
+    from .pretrain import pretrain
+    from .report import base_report
+
+    root = build.root()
+    report_path = root / "base_report.json"
+    if report_path.exists():
+        return json.loads(report_path.read_text())
+    log = print if progress else (lambda *a, **k: None)
+    t0 = time.time()
+    log(f"building the toy base in {root} (world, tokenizer, pretraining: minutes on a 2-core CPU)")
+    world = world_dir(build)
+    log(f"world ready ({time.time() - t0:.0f}s)")
+    init = init_dir(build)
+    training = pretrain(init, world / "pretrain.jsonl", root / "stage2", root / "stage3", build.pretrain,
+                        seed=build.model.seed, log=log)
+    report = {
+        "key": build.key(), "build": asdict(build), "pretraining": training,
+        "stage3": base_report(root / "stage3", world),
+        "stage2": base_report(root / "stage2", world),
+    }
+    report["build_seconds"] = time.time() - t0
+    tmp = report_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    tmp.replace(report_path)  # the report's presence marks a complete build
+    return report
+
+
+def toy_files(build: ToyBuild = DEFAULT) -> dict[str, Path]:
+    """The toy world's data files, by the config parameter they fill."""
+    world = world_dir(build)
+    return {"train_file": world / "task_train.jsonl", "val_file": world / "task_val.jsonl",
+            "bench_file": world / "bench.jsonl", "general_file": world / "general_eval.jsonl",
+            "spotcheck_file": world / "spotcheck.jsonl", "terms_file": world / "terms.json"}
