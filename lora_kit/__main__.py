@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import LoraKitError
 
@@ -22,6 +23,42 @@ def cmd_toy_build(args) -> int:
 
     report = build_toy(progress=True)
     print(json.dumps(report, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .config import load_config, parse_set
+    from .train import train
+
+    cfg = load_config(args.file, parse_set(args.set), overrides_source="--set")
+    run_dir = train(cfg)
+    print(run_dir)
+    return 0
+
+
+def cmd_matrix(args) -> int:
+    from .config import parse_set
+    from .matrix import plan_jobs, run_matrix, status_table
+
+    runs_root = Path(args.runs_root) if args.runs_root else None
+    if args.status:
+        print(status_table(runs_root))
+        return 0
+    overrides = parse_set(args.set)
+    if args.profile:
+        overrides["profile"] = args.profile
+    jobs = plan_jobs(args.variants, all_variants=args.all, grid=args.grid, overrides=overrides)
+    statuses = run_matrix(jobs, runs_root=runs_root, n_jobs=args.jobs, dry_run=args.dry_run)
+    print()
+    print(status_table(runs_root))
+    return 0 if args.dry_run or all(s in ("completed", "stopped_early") for s in statuses.values()) else 1
+
+
+def cmd_summary(args) -> int:
+    from .frontier import write_summary
+
+    for name, path in write_summary(args.runs_root, args.out_dir).items():
+        print(f"{name}: {path}")
     return 0
 
 
@@ -50,6 +87,29 @@ def build_parser() -> argparse.ArgumentParser:
     toy_sub = p.add_subparsers(dest="toy_command", required=True)
     b = toy_sub.add_parser("build", help="build the toy data and pretrained base once (cached under outputs/toy)")
     b.set_defaults(func=cmd_toy_build)
+
+    p = sub.add_parser("train", help="train one variant into outputs/runs/<variant> (what train.ipynb runs)")
+    p.add_argument("-f", "--file", action="append", default=[], help="a params YAML file (repeatable, in order)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("matrix", help="run many variants, one papermill process each (A0 first)")
+    p.add_argument("variants", nargs="*", help="variant names (default: the priority list A0 A1 A2 B2 B3 C2 C3)")
+    p.add_argument("--all", action="store_true", help="every variant of the study, the D row included")
+    p.add_argument("--jobs", type=int, default=1, help="variants run in parallel (one GPU each when present)")
+    p.add_argument("--profile", default=None, help="params profile for every run (toy, none)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a grid around each chosen variant, e.g. lora_rank=8,16,32")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    p.add_argument("--runs-root", default=None, help="folder of run folders (default outputs/runs)")
+    p.add_argument("--dry-run", action="store_true", help="show what would run, run nothing")
+    p.add_argument("--status", action="store_true", help="print the status table of the run folders")
+    p.set_defaults(func=cmd_matrix)
+
+    p = sub.add_parser("summary", help="the study table, Pareto frontiers, heatmaps and verdicts (summary.ipynb)")
+    p.add_argument("--runs-root", default=None)
+    p.add_argument("--out-dir", default=None)
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("demo", help="what `make demo` runs")
     p.set_defaults(func=cmd_demo)

@@ -170,24 +170,32 @@ class RunConfig:
     """... for this many consecutive evaluations."""
     hallucination_rise_max: float = 0.15
     """Trigger when the hallucination rate rises more than this (absolute, 0.15 = 15 points) over
-    baseline."""
+    baseline ..."""
+    hallucination_patience: int = 2
+    """... for this many consecutive evaluations."""
     gap_widen_max: float = 0.06
     """Trigger when the generalization gap (eval - train loss) widens more than this above its
     best (lowest) value ..."""
     gap_patience: int = 2
     """... and keeps worsening for this many evaluation intervals."""
+    caption_chrf_min: float = 40.0
+    """Caption sanity (automatic proxy): captions whose mean chrF (0-100) against the baseline's
+    captions of the same images is below this count as degraded; so do more hallucinated or more
+    blind captions than the baseline's. Manual spot-check verdicts, when present, decide instead."""
     caption_patience: int = 2
     """Trigger when free-form caption sanity degrades this many evaluations in a row."""
     best_irrelevant_margin: float = 0.1
-    """Best checkpoint: only among checkpoints with irrelevant pass >= baseline - this ..."""
+    """Best checkpoint: only among checkpoints with irrelevant pass >= baseline - this (absolute:
+    0.1 = 10 points) ..."""
     best_hallucination_margin: float = 0.1
     """... and hallucination <= baseline + this; then the lowest eval loss wins."""
     early_stopping: bool = True
     """Stop the run when a guardrail triggers (false: record the trigger and keep training)."""
 
     # ---- output and runtime ----
-    output_dir: str = "outputs/runs"
-    """Folder holding one run folder per variant."""
+    output_dir: str | None = None
+    """Folder holding one run folder per variant. null: <outputs>/runs, where <outputs> is the repo's
+    outputs/ (or $LORA_KIT_OUTPUTS). A relative path is relative to the current folder."""
     overwrite: bool = False
     """Replace an existing run folder of the same variant instead of refusing to start."""
     nproc: int = 1
@@ -622,7 +630,7 @@ _AT_LEAST = {
     "max_length": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
     "gradient_accumulation_steps": 1, "seed": 0, "eval_steps": 1, "save_steps": 1,
     "logging_steps": 1, "max_new_tokens": 1, "eval_max_samples": 1, "irrelevant_patience": 1,
-    "gap_patience": 1, "caption_patience": 1, "nproc": 1,
+    "hallucination_patience": 1, "gap_patience": 1, "caption_patience": 1, "nproc": 1,
 }
 _LEARNING_RATES = ("learning_rate", "vit_lr", "aligner_lr")  # > 0
 _FRACTIONS = (  # in [0, 1]
@@ -660,6 +668,9 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
     for name in _NON_NEGATIVE:
         if c[name] < 0:
             bad([name], "a number >= 0", f"set {name} to e.g. {default(name)}")
+    if not 0 <= c["caption_chrf_min"] <= 100:
+        bad(["caption_chrf_min"], "a chrF score in [0, 100]",
+            f"set caption_chrf_min to e.g. {default('caption_chrf_min')}")
     if not 0 <= c["lora_dropout"] < 1:
         bad(["lora_dropout"], "a dropout in [0, 1)", f"set lora_dropout to e.g. {default('lora_dropout')}")
     if c["max_steps"] == 0 or c["max_steps"] < -1:
@@ -722,7 +733,7 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
 
     # strings and files
     for name in ("irrelevant_label", "output_dir"):
-        if not c[name].strip():
+        if c[name] is not None and not c[name].strip():
             bad([name], "a non-empty string", f"set {name} to e.g. {default(name)}")
     model = c["model"]
     if model not in TOY_MODELS and not _is_file(Path(model) / "config.json"):

@@ -173,10 +173,9 @@ class RunFolder:
         write_json_atomic(folder / f"step-{step:06d}.json", {"step": step, "benchmark": records,
                                                              "captions": captions})
 
-    def verdicts(self, step: int | None = None) -> list[dict]:
-        """Manual spot-check verdicts (spotcheck.jsonl), optionally of one checkpoint step."""
-        rows = read_jsonl_records(self.path / "spotcheck.jsonl")
-        return [r for r in rows if step is None or r.get("step") == step]
+    def verdicts(self) -> list[dict]:
+        """Manual spot-check verdicts (spotcheck.jsonl); guardrails.caption_sanity picks a checkpoint's."""
+        return read_jsonl_records(self.path / "spotcheck.jsonl")
 
     def last_checkpoint(self) -> Path | None:
         """The newest complete Trainer checkpoint (one with trainer_state.json), for resuming."""

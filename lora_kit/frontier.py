@@ -1,0 +1,614 @@
+"""The study's answer: every run folder in one table, the Pareto frontier, plots and hypothesis verdicts.
+
+    df = collect_runs("outputs/runs")
+    front = pareto_front(df, {"best_eval_loss": "min", "irrelevant_pass": "max"})
+    write_summary()  # outputs/summary/: study.csv, frontier_*.png, heatmaps.png, curves.png, verdicts.json
+
+Pure pandas / matplotlib / seaborn on the files train.py writes into each run folder (rundir.py).
+A run's guardrail metrics are those of its best checkpoint; a run without a feasible checkpoint
+contributes its last evaluation and is marked `feasible` False.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import LoraKitError
+from .paths import outputs_dir, runs_dir
+from .rundir import RunFolder, read_jsonl_records
+from .views import _in_notebook, metrics_frame
+
+RATES = ("irrelevant_pass", "false_refusal", "hallucination", "hallucination_in_domain", "object_accuracy",
+         "object_recall", "blindness", "ood_label_rate")
+DIRECTIONS = {  # which way is better, for frontiers, heatmap colours and verdicts
+    "best_eval_loss": "min", "eval_loss": "min", "train_loss": "min", "general_loss": "min", "gap": "min",
+    "irrelevant_pass": "max", "false_refusal": "min", "hallucination": "min", "hallucination_in_domain": "min",
+    "object_accuracy": "max", "object_recall": "max", "blindness": "min"}
+FINISHED = ("completed", "stopped_early")
+# Two runs compare footprints only when everything else that shapes training is equal.
+CONTROLS = ("model", "lora_rank", "learning_rate", "vit_lr")
+# Language generality and hallucination, the metrics H1 and H4 watch.
+GENERALITY = {"general_loss": "min", "irrelevant_pass": "max", "hallucination": "min"}
+FRONT_OBJECTIVES = {"best_eval_loss": "min", "irrelevant_pass": "max", "hallucination": "min"}
+RUN_COLUMNS = [
+    "variant", "llm_last", "vit_last", "model", "lora_rank", "learning_rate", "vit_lr", "status", "stop_reason",
+    "stop_step", "n_llm_modules", "n_vit_modules", "trainable_parameters", "best_step", "best_checkpoint",
+    "best_eval_loss", "feasible", "wall_seconds", "eval_share", "steps", "run_dir"]
+_NOT_METRICS = ("step", "epoch", "eval_loss", "checkpoint", "eval_seconds")  # in the record, not guardrails
+
+
+# ---------------------------------------------------------------- the table
+
+def collect_runs(runs_root) -> pd.DataFrame:
+    """One row per run folder (those with a summary.json): settings, status, best checkpoint and its metrics.
+
+    Rates come as <metric>, <metric>_n, <metric>_lo, <metric>_hi (Wilson 95%); `feasible` is True when a
+    checkpoint passed the guardrail constraints (or for an evaluation-only run); otherwise the metrics are
+    those of the last evaluation. A 'running' run whose process is gone has status 'stale'.
+    """
+    root = Path(runs_root)
+    if not root.is_dir():
+        raise LoraKitError(f"runs_root {root} is not a folder; pass the folder holding one run folder per variant "
+                           "(default outputs/runs), or run variants first: python -m lora_kit matrix")
+    rows = [_run_row(d) for d in sorted(root.iterdir()) if (d / "summary.json").is_file()]
+    rate_cols = [f"{m}{s}" for m in RATES for s in ("", "_n", "_lo", "_hi")]
+    df = pd.DataFrame(rows)
+    df = df.reindex(columns=list(dict.fromkeys(RUN_COLUMNS + rate_cols + ["general_loss", "gap"] + list(df.columns))))
+    df["feasible"] = df["feasible"].astype(bool)
+    numeric = [c for c in df.columns if c not in ("variant", "model", "status", "stop_reason", "best_checkpoint",
+                                                  "feasible", "run_dir")]
+    for c in numeric:  # None (a rate with n = 0, a missing value) becomes NaN in number columns
+        converted = pd.to_numeric(df[c], errors="coerce")
+        if converted.notna().sum() == df[c].notna().sum():
+            df[c] = converted
+    return df
+
+
+def _run_row(folder: Path) -> dict:
+    run = RunFolder(folder)
+    summary = _read_json(folder / "summary.json")
+    params = _read_json(folder / "params.json") or {}
+    cfg = params.get("config") or {}
+    status = run.status()
+    best = summary.get("best") or {}
+    counts = (summary.get("targets") or params.get("targets") or {}).get("counts") or {}
+    trainable = _first(summary.get("trainable_parameters"), params.get("trainable_parameters"))
+    records = read_jsonl_records(folder / "metrics.jsonl")
+    feasible = status in FINISHED and (best.get("checkpoint") is not None or trainable == 0)
+    if feasible:  # the best checkpoint (step 0 for the evaluation-only A0)
+        record = best.get("metrics") or _record_at(records, best.get("step")) or {}
+        step, loss = best.get("step"), best.get("eval_loss")
+    else:  # no checkpoint passed the guardrails (or the run never finished): its last evaluation
+        record = records[-1] if records else {}
+        step, loss = record.get("step"), record.get("eval_loss")
+    timings = summary.get("timings") or {}
+    row = {
+        "variant": summary.get("variant") or folder.name,
+        "llm_last": _first(summary.get("llm_last"), cfg.get("llm_last")),
+        "vit_last": _first(summary.get("vit_last"), cfg.get("vit_last")),
+        "model": cfg.get("model"), "lora_rank": cfg.get("lora_rank"),
+        "learning_rate": cfg.get("learning_rate"), "vit_lr": cfg.get("vit_lr"),
+        "status": status, "stop_reason": summary.get("stop_reason"), "stop_step": summary.get("stop_step"),
+        "n_llm_modules": counts.get("llm"), "n_vit_modules": counts.get("vit"), "trainable_parameters": trainable,
+        "best_step": step, "best_checkpoint": best.get("checkpoint") if feasible else None,
+        "best_eval_loss": loss, "feasible": feasible,
+        "wall_seconds": timings.get("wall_seconds"), "eval_share": timings.get("eval_share"),
+        "steps": summary.get("steps"), "run_dir": str(folder),
+    }
+    metrics = {k: v for k, v in flatten_record(record).items() if k not in _NOT_METRICS}
+    return row | metrics
+
+
+def flatten_record(record: dict) -> dict:
+    """One metrics.jsonl record as flat columns (views.metrics_frame's naming): a rate gives <m>, <m>_n, <m>_lo,
+    <m>_hi; another dict gives <key>_<field> for its scalar fields; None dicts and lists are left out."""
+    flat = {}
+    for k, v in record.items():
+        if isinstance(v, dict) and "rate" in v:
+            flat |= {k: v.get("rate"), f"{k}_n": v.get("n"), f"{k}_lo": v.get("lo"), f"{k}_hi": v.get("hi")}
+        elif isinstance(v, dict):
+            flat |= {f"{k}_{kk}": vv for kk, vv in v.items() if vv is None or isinstance(vv, (bool, int, float, str))}
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            flat[k] = v
+    return flat
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LoraKitError(f"{path} is not valid JSON ({err}); run files are written atomically, so it was edited or "
+                           "copied half-way: restore it, or delete its run folder and run the variant again") from None
+
+
+def _record_at(records: list[dict], step) -> dict | None:
+    """The last record of `step` (a resumed run may evaluate a step twice; the later one counts)."""
+    return next((r for r in reversed(records) if r.get("step") == step), None)
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def study_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The table for reading: one row per variant, each rate as '91% [80-97%] n=32' beside the losses."""
+    out = df.set_index("variant")[["llm_last", "vit_last", "status", "stop_reason", "feasible", "best_step",
+                                   "best_eval_loss", "general_loss", "gap"]].copy()
+    for m in ("irrelevant_pass", "hallucination", "hallucination_in_domain", "object_accuracy", "false_refusal",
+              "blindness"):
+        if m in df:
+            out[m] = [_rate_text(r, m) for _, r in df.iterrows()]
+    out["wall_seconds"] = df["wall_seconds"].round(0).to_numpy()
+    return out
+
+
+def _rate_text(row, m: str) -> str:
+    if not _finite(row.get(m)):
+        return "n/a" if not _finite(row.get(f"{m}_n")) else f"n/a n={int(row[f'{m}_n'])}"
+    text = f"{row[m]:.0%}"
+    if _finite(row.get(f"{m}_lo")) and _finite(row.get(f"{m}_hi")):
+        text += f" [{row[f'{m}_lo']:.0%}-{row[f'{m}_hi']:.0%}]"
+    return text + (f" n={int(row[f'{m}_n'])}" if _finite(row.get(f"{m}_n")) else "")
+
+
+def _measured(df: pd.DataFrame, col: str) -> pd.Series:
+    """Boolean mask of rows with a finite number in `col` (a bool Series even for an empty table)."""
+    return pd.to_numeric(df[col], errors="coerce").notna() & ~pd.to_numeric(df[col], errors="coerce").isin(
+        [np.inf, -np.inf])
+
+
+def _finite(x) -> bool:
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------- the frontier
+
+def pareto_front(df: pd.DataFrame, objectives: dict[str, str]) -> pd.Series:
+    """True for the rows no other row dominates on `objectives` ({"column": "min" | "max"}).
+
+    a dominates b when a is no worse on every objective and strictly better on one; identical rows do
+    not dominate each other, so all of them stay on the front. A row with NaN in any objective is never
+    on the front and dominates nothing.
+    """
+    bad = {c: d for c, d in objectives.items() if d not in ("min", "max")}
+    if bad:
+        raise LoraKitError(f"pareto_front objectives {bad}: each direction must be 'min' or 'max', e.g. "
+                           "{'best_eval_loss': 'min', 'irrelevant_pass': 'max'}")
+    missing = [c for c in objectives if c not in df.columns]
+    if missing:
+        raise LoraKitError(f"pareto_front objectives {missing} are not columns of the table; it has "
+                           f"{list(df.columns)[:30]}")
+    if not objectives:
+        raise LoraKitError("pareto_front needs at least one objective, e.g. {'best_eval_loss': 'min'}")
+    x = df[list(objectives)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    x = x * np.array([1.0 if d == "min" else -1.0 for d in objectives.values()])  # everything minimised
+    valid = ~np.isnan(x).any(axis=1)
+    v = x[valid]
+    no_worse = (v[:, None, :] <= v[None, :, :]).all(axis=2)  # [a, b]: a no worse than b everywhere
+    better = (v[:, None, :] < v[None, :, :]).any(axis=2)
+    on_front = valid.copy()
+    on_front[valid] = ~(no_worse & better).any(axis=0)
+    return pd.Series(on_front, index=df.index, name="on_front")
+
+
+def plot_frontier(df: pd.DataFrame, x: str = "best_eval_loss", y: str = "irrelevant_pass", ax=None):
+    """Finished runs as points with Wilson error bars, labelled by variant; the Pareto front of the feasible
+    runs connected and marked; runs without a feasible checkpoint hollow (their last evaluation)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 5))
+    data = df[df["status"].isin(FINISHED)].copy()
+    data = data[_measured(data, x) & _measured(data, y)]
+    data[[x, y]] = data[[x, y]].astype(float)
+    feasible = data["feasible"].astype(bool)
+    front = pareto_front(data[feasible], {x: DIRECTIONS.get(x, "min"), y: DIRECTIONS.get(y, "max")})
+    on_front = front.reindex(data.index, fill_value=False)
+    ax.errorbar(data[x], data[y], xerr=_error_bars(data, x), yerr=_error_bars(data, y), fmt="none",
+                ecolor="0.6", elinewidth=1, capsize=2, zorder=1)
+    line = data[on_front].sort_values([x, y])
+    ax.plot(line[x], line[y], "-", c="C1", lw=1.5, zorder=2)
+    ax.scatter(data.loc[feasible & ~on_front, x], data.loc[feasible & ~on_front, y], c="C0", s=40, zorder=3)
+    ax.scatter(line[x], line[y], c="C1", edgecolors="k", s=80, zorder=4)
+    ax.scatter(data.loc[~feasible, x], data.loc[~feasible, y], facecolors="none", edgecolors="C3", marker="s",
+               s=50, zorder=3)
+    for _, r in data.iterrows():
+        ax.annotate(r["variant"], (r[x], r[y]), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    ax.set_xlabel(f"{x} ({_better(x)})")
+    ax.set_ylabel(f"{y} ({_better(y)})")
+    ax.set_title(f"{y} vs {x}: Pareto front of feasible runs")
+    ax.legend(handles=[
+        Line2D([], [], marker="o", ls="", c="C0", label="feasible run (best checkpoint)"),
+        Line2D([], [], marker="o", ls="-", c="C1", mec="k", label="Pareto front"),
+        Line2D([], [], marker="s", ls="", mfc="none", mec="C3", label="no feasible checkpoint (last evaluation)"),
+    ], fontsize=7)
+    if not len(data):
+        ax.text(0.5, 0.5, "no finished run has both metrics", ha="center", transform=ax.transAxes)
+    return ax
+
+
+def _error_bars(data: pd.DataFrame, col: str):
+    """[below, above] distances to the Wilson interval, or None for a column without one."""
+    lo, hi = f"{col}_lo", f"{col}_hi"
+    if lo not in data or hi not in data:
+        return None
+    v = data[col].astype(float)
+    below = (v - pd.to_numeric(data[lo], errors="coerce")).clip(lower=0).fillna(0)
+    above = (pd.to_numeric(data[hi], errors="coerce") - v).clip(lower=0).fillna(0)
+    return np.vstack([below.to_numpy(), above.to_numpy()])
+
+
+def _better(col: str) -> str:
+    return {"min": "lower is better", "max": "higher is better"}.get(DIRECTIONS.get(col, ""), "")
+
+
+# ---------------------------------------------------------------- the other figures
+
+def plot_heatmaps(df: pd.DataFrame, metrics=("best_eval_loss", "general_loss", "irrelevant_pass", "hallucination")):
+    """Each metric over llm_last x vit_last for the study runs (the most common settings; * = infeasible)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = _reference_runs(df).drop_duplicates(["llm_last", "vit_last"])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        values = pd.to_numeric(data[m], errors="coerce") if m in data else pd.Series(np.nan, index=data.index)
+        cells = data.assign(value=values, text=[
+            ("" if not _finite(v) else f"{v:.0%}" if m in RATES else f"{v:.3f}") + ("" if f else "*")
+            for v, f in zip(values, data["feasible"])])
+        grid = cells.pivot(index="llm_last", columns="vit_last", values="value") if len(cells) else pd.DataFrame()
+        if grid.isna().all().all():
+            ax.text(0.5, 0.5, f"no {m} values", ha="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        text = cells.pivot(index="llm_last", columns="vit_last", values="text").reindex_like(grid).fillna("")
+        # the "good" end of the colour map is the same colour whichever way the metric points
+        sns.heatmap(grid.astype(float), annot=text.to_numpy(), fmt="", ax=ax,
+                    cmap="viridis" if DIRECTIONS.get(m) == "max" else "viridis_r", cbar=True)
+        ax.invert_yaxis()
+        ax.set_title(f"{m} ({_better(m)})", fontsize=10)
+    fig.suptitle("metrics over llm_last (rows) x vit_last (columns); * = no feasible checkpoint (last evaluation)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _reference_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Finished runs with the study's common settings (leaves out LR-grid and restart runs)."""
+    done = df[df["status"].isin(FINISHED)]
+    if done.empty:
+        return done
+    keys = done.apply(_controls_key, axis=1)
+    common = keys.value_counts().idxmax()
+    return done[keys.map(lambda k: k == common).astype(bool)]  # not `keys == common`: pandas would unpack the tuple
+
+
+def _controls_key(row) -> tuple:
+    return tuple(None if not isinstance(row.get(c), str) and not _finite(row.get(c)) else row.get(c)
+                 for c in CONTROLS)
+
+
+def run_curves(runs) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """variant -> (metrics table by step, summary.json) for a runs folder or a collect_runs table."""
+    folders = (sorted(d for d in Path(runs).iterdir() if (d / "summary.json").is_file())
+               if not isinstance(runs, pd.DataFrame) else [Path(p) for p in runs["run_dir"].dropna()])
+    out = {}
+    for d in folders:
+        mf = metrics_frame(d)
+        if not mf.empty:  # a resumed run may hold a step twice; the later record counts
+            mf = mf.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+        summary = _read_json(d / "summary.json") or {}
+        out[summary.get("variant") or d.name] = (mf, summary)
+    return out
+
+
+def plot_curves(runs, metrics=("eval_loss", "general_loss", "irrelevant_pass", "hallucination")):
+    """Training and guardrail curves of every run on shared axes; X = where a guardrail stopped it, * = best."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    curves = run_curves(runs)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False, sharex=True)
+    colours = {v: plt.get_cmap("tab20")(i % 20) for i, v in enumerate(curves)}
+    for ax, m in zip(axes[0], metrics):
+        for variant, (mf, summary) in curves.items():
+            if m not in mf or mf[m].isna().all():
+                continue
+            ax.plot(mf["step"], mf[m], marker=".", c=colours[variant], label=variant)
+            for step, marker, size in ((summary.get("stop_step"), "X", 80),
+                                       ((summary.get("best") or {}).get("step"), "*", 120)):
+                at = mf[mf["step"] == step]
+                if step is not None and len(at):
+                    ax.scatter(at["step"], at[m], marker=marker, s=size, color=colours[variant], edgecolors="k",
+                               zorder=3)
+        ax.set(title=f"{m} ({_better(m)})", xlabel="step")
+    handles = [Line2D([], [], c=c, marker=".", label=v) for v, c in colours.items()]
+    handles += [Line2D([], [], marker="X", ls="", c="0.5", mec="k", label="guardrail stop"),
+                Line2D([], [], marker="*", ls="", c="0.5", mec="k", ms=10, label="best checkpoint")]
+    fig.legend(handles=handles, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    return fig
+
+
+def plot_restart(runs, metrics=("eval_loss", "general_loss", "irrelevant_pass", "hallucination")):
+    """Stage-3 continue (e.g. C2) against stage-2 restart (C2_restart): their curves side by side; None
+    when no '<variant>_restart' run has its '<variant>' partner."""
+    import matplotlib.pyplot as plt
+
+    curves = run_curves(runs)
+    pairs = [(v.removesuffix("_restart"), v) for v in curves
+             if v.endswith("_restart") and v.removesuffix("_restart") in curves]
+    if not pairs:
+        return None
+    fig, axes = plt.subplots(len(pairs), len(metrics), figsize=(4.5 * len(metrics), 3.8 * len(pairs)), squeeze=False)
+    for row, pair in zip(axes, pairs):
+        for ax, m in zip(row, metrics):
+            for variant, c in zip(pair, ("C0", "C1")):
+                mf = curves[variant][0]
+                if m not in mf:
+                    continue
+                ax.plot(mf["step"], mf[m], marker=".", c=c, label=variant)
+                if f"{m}_lo" in mf:
+                    ax.fill_between(mf["step"], mf[f"{m}_lo"].astype(float), mf[f"{m}_hi"].astype(float),
+                                    color=c, alpha=0.15)
+            ax.set(title=f"{m} ({_better(m)})", xlabel="step")
+            ax.legend(fontsize=8)
+    fig.suptitle("stage-3 continue vs stage-2 restart (bands: Wilson 95%)")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- hypotheses
+
+STATEMENTS = {
+    "H1": "More LoRA beyond a small top subset loses language generality fast and raises hallucination.",
+    "H2": "A narrow best footprint per tower exists.",
+    "H3": "The target count dominates modest learning-rate changes.",
+    "H4": "Continued training helps only while general metrics hold.",
+}
+
+
+def hypothesis_verdicts(df: pd.DataFrame, curves: dict | None = None, *, loss_tolerance: float = 0.02) -> list[dict]:
+    """A verdict for each hypothesis of the plan, computed from the runs: supported / not supported / not
+    enough data, with the numbers behind it.
+
+    Noise: two rates differ only when their Wilson 95% intervals do not overlap; two losses only when
+    they differ by more than `loss_tolerance` (relative, 0.02 = 2%). Only finished runs count.
+    `curves` (variant -> (metrics table, summary)) defaults to reading the run folders in df["run_dir"].
+    """
+    done = df[df["status"].isin(FINISHED)]
+    if curves is None:
+        curves = run_curves(done) if "run_dir" in done and done["run_dir"].notna().any() else {}
+    checks = {"H1": _h1, "H2": _h2, "H3": _h3}
+    out = [{"hypothesis": h, "statement": STATEMENTS[h], **checks[h](done, loss_tolerance)} for h in checks]
+    out.append({"hypothesis": "H4", "statement": STATEMENTS["H4"], **_h4(done, curves, loss_tolerance)})
+    return out
+
+
+def _verdict(verdict: str, evidence: str) -> dict:
+    return {"verdict": verdict, "evidence": evidence}
+
+
+def _trained(df: pd.DataFrame) -> pd.DataFrame:
+    counts = df[["n_llm_modules", "n_vit_modules"]].apply(pd.to_numeric, errors="coerce")
+    lasts = df[["llm_last", "vit_last"]].apply(pd.to_numeric, errors="coerce")
+    total = counts.sum(axis=1).where(counts.notna().any(axis=1), lasts.sum(axis=1))
+    return df[total > 0]
+
+
+def _compare(a, b, metric: str, direction: str, tol: float) -> str | None:
+    """How run b stands against run a on one metric: 'worse', 'better', 'same' (within noise) or None."""
+    if not (_finite(a.get(metric)) and _finite(b.get(metric))):
+        return None
+    if metric in RATES:
+        alo, ahi, blo, bhi = (a.get(f"{metric}_lo"), a.get(f"{metric}_hi"), b.get(f"{metric}_lo"),
+                              b.get(f"{metric}_hi"))
+        if not all(map(_finite, (alo, ahi, blo, bhi))):
+            return None
+        higher, lower = blo > ahi, bhi < alo  # intervals apart
+    else:
+        diff = float(b[metric]) - float(a[metric])
+        higher = lower = False
+        if abs(diff) > tol * abs(float(a[metric])):
+            higher, lower = diff > 0, diff < 0
+    if not (higher or lower):
+        return "same"
+    return "worse" if higher == (direction == "min") else "better"
+
+
+def _show(row, metric: str) -> str:
+    v = row.get(metric)
+    if not _finite(v):
+        return "n/a"
+    if metric in RATES:
+        return f"{v:.0%} [{row.get(metric + '_lo', float('nan')):.0%}-{row.get(metric + '_hi', float('nan')):.0%}]"
+    return f"{v:.3f}"
+
+
+def _footprint_pairs(runs: pd.DataFrame) -> list[tuple]:
+    """(smaller, larger) trained runs with equal settings where the larger adds layers in one tower only:
+    the next larger count tried in that tower (A1->A2, B2->B3, C1->C2, B1->C1, ...)."""
+    pairs = []
+    keyed = runs.assign(_key=runs.apply(_controls_key, axis=1))
+    for _, group in keyed.groupby("_key", dropna=False, sort=False):
+        for tower, other in (("llm_last", "vit_last"), ("vit_last", "llm_last")):
+            for _, line in group.groupby(other):
+                line = line.drop_duplicates(tower).sort_values(tower)
+                rows = [r for _, r in line.iterrows()]
+                pairs += list(zip(rows, rows[1:]))
+    return pairs
+
+
+def _h1(done: pd.DataFrame, tol: float) -> dict:
+    pairs = _footprint_pairs(_trained(done))
+    if not pairs:
+        return _verdict("not enough data", "No two finished trained runs with equal settings differ in one tower's "
+                        "count; needed: e.g. A1 and A2, B2 and B3, or C1, C2 and C3.")
+    outcomes = [(a, b, {m: _compare(a, b, m, d, tol) for m, d in GENERALITY.items()}) for a, b in pairs]
+    measured = [o for o in outcomes if any(v is not None for v in o[2].values())]
+    if not measured:
+        return _verdict("not enough data", f"{len(pairs)} footprint comparisons, but none has general_loss, "
+                        "irrelevant_pass or hallucination measured on both runs.")
+    degraded = [o for o in measured if "worse" in o[2].values()]
+    moved = [o for o in measured if set(o[2].values()) & {"worse", "better"}]
+    hallucinating = [o for o in degraded if o[2]["hallucination"] == "worse"]
+    examples = "; ".join(
+        f"{a['variant']}->{b['variant']}: " + ", ".join(f"{m} {_show(a, m)}->{_show(b, m)}"
+                                                       for m, v in c.items() if v == "worse" or not degraded and v)
+        for a, b, c in (degraded or measured)[:3])
+    if not moved:
+        return _verdict("not enough data", f"All {len(measured)} footprint increases stay within noise (Wilson 95% "
+                        f"intervals overlap, losses within {tol:.0%}), e.g. {examples}; a larger benchmark "
+                        "(eval_max_samples) or more variants would be needed.")
+    verdict = "supported" if 2 * len(degraded) >= len(measured) else "not supported"
+    return _verdict(verdict, f"{len(degraded)} of {len(measured)} footprint increases degraded generality beyond "
+                    f"noise ({len(hallucinating)} raised hallucination): {examples}.")
+
+
+def _h2(done: pd.DataFrame, tol: float) -> dict:
+    reference = _reference_runs(done)
+    trained = _trained(reference)
+    feasible = trained[trained["feasible"].astype(bool) & _measured(trained, "best_eval_loss")]
+    if feasible.empty:
+        return _verdict("not enough data", "No finished trained run has a feasible checkpoint; needed: the study "
+                        "variants (A1, A2, B2, B3, C2, C3) run to completion.")
+    front = feasible[pareto_front(feasible, FRONT_OBJECTIVES)]
+    if front.empty:
+        return _verdict("not enough data", "No feasible run has eval loss, irrelevant pass and hallucination all "
+                        "measured, so none is on the frontier; needed: a benchmark with irrelevant and OOD images.")
+    lowest = front["best_eval_loss"].astype(float).min()  # = over feasible runs with every objective measured
+    near = front[front["best_eval_loss"].astype(float) <= lowest + tol * abs(lowest)]
+    size = near[["llm_last", "vit_last"]].astype(float).sum(axis=1)
+    r = near.assign(_size=size).sort_values(["_size", "best_eval_loss"]).iloc[0]
+    tried = {t: sorted(int(v) for v in trained[t].dropna().unique()) for t in ("llm_last", "vit_last")}
+    towers = []
+    for t, name in (("llm_last", "decoder"), ("vit_last", "vision")):
+        if len(tried[t]) < 2:
+            towers.append((name, "unvaried"))
+        else:
+            towers.append((name, "narrow" if r[t] < max(tried[t]) else "widest"))
+    where = (f"{r['variant']} (llm_last={int(r['llm_last'])}, vit_last={int(r['vit_last'])}) is the smallest "
+             f"feasible frontier footprint within {tol:.0%} of the lowest eval loss ({r['best_eval_loss']:.3f} vs "
+             f"{lowest:.3f}); tried llm_last {tried['llm_last']}, vit_last {tried['vit_last']}.")
+    widest = [n for n, s in towers if s == "widest"]
+    unvaried = [n for n, s in towers if s == "unvaried"]
+    if widest:
+        return _verdict("not supported", where + f" It uses the most {' and '.join(widest)} layers tried.")
+    if unvaried:
+        return _verdict("not enough data", where + f" Only one {' and '.join(unvaried)} count was tried; needed: "
+                        "runs that vary it (A1/A2 for the decoder, B2/B3 or C1-C3 for vision).")
+    return _verdict("supported", where + " Wider footprints in either tower buy no eval loss beyond that.")
+
+
+def _h3(done: pd.DataFrame, tol: float) -> dict:
+    trained = _trained(done)
+    trained = trained[_measured(trained, "best_eval_loss")].assign(
+        _loss=lambda d: d["best_eval_loss"].astype(float),
+        _footprint=lambda d: list(zip(d["llm_last"], d["vit_last"])),
+        _lr=lambda d: list(zip(d["learning_rate"], d["vit_lr"])))
+    by_footprint = trained.groupby(["model", "lora_rank", "_footprint"], dropna=False)
+    grids = [g for _, g in by_footprint if g["_lr"].nunique() > 1]
+    by_lr = trained.groupby(["model", "lora_rank", "_lr"], dropna=False)
+    spreads = [g for _, g in by_lr if g["_footprint"].nunique() > 1]
+    if not grids:
+        return _verdict("not enough data", "No footprint was trained at more than one learning rate; needed: an LR "
+                        "grid around one variant, e.g. C2 at learning_rate x0.5 / x2 and vit_lr x0.5 / x2 (the matrix "
+                        "runner's --grid).")
+    if not spreads:
+        return _verdict("not enough data", "No learning-rate setting was trained on more than one footprint; "
+                        "needed: the study variants at the grid's learning rates.")
+    lr = max(grids, key=lambda g: g["_loss"].max() - g["_loss"].min())
+    count = max(spreads, key=lambda g: g["_loss"].max() - g["_loss"].min())
+    lr_effect, count_effect = lr["_loss"].max() - lr["_loss"].min(), count["_loss"].max() - count["_loss"].min()
+    lrs = sorted(set(lr["_lr"]))
+    evidence = (f"Eval loss spans {count_effect:.3f} across {count['_footprint'].nunique()} footprints at "
+                f"learning_rate/vit_lr {count['_lr'].iloc[0][0]:g}/{count['_lr'].iloc[0][1]:g}, and at most "
+                f"{lr_effect:.3f} across {len(lrs)} learning-rate settings of {lr['variant'].iloc[0]}'s footprint "
+                f"{lr['_footprint'].iloc[0]} (from {lrs[0][0]:g}/{lrs[0][1]:g} to {lrs[-1][0]:g}/{lrs[-1][1]:g}).")
+    noise = tol * float(trained["_loss"].min())
+    if count_effect <= noise and lr_effect <= noise:
+        return _verdict("not enough data", evidence + f" Both are within the {tol:.0%} loss tolerance.")
+    return _verdict("supported" if count_effect > lr_effect else "not supported", evidence)
+
+
+def _h4(done: pd.DataFrame, curves: dict, tol: float) -> dict:
+    runs = _trained(done)["variant"].tolist()
+    informative, held, kept, stalled = [], [], [], []
+    for variant in runs:
+        mf = curves.get(variant, (pd.DataFrame(), {}))[0]
+        if mf.empty or "eval_loss" not in mf:
+            continue
+        start = mf.iloc[0]  # the step-0 evaluation: the model before this run's training
+        degraded = [i for i in range(1, len(mf))
+                    if any(_compare(start, mf.iloc[i], m, d, tol) == "worse" for m, d in GENERALITY.items())]
+        if not degraded:
+            held.append(variant)
+            continue
+        i = degraded[0]
+        after = mf["eval_loss"].iloc[i + 1:].astype(float)
+        if after.empty:
+            continue  # degraded at its last evaluation: nothing after to compare with
+        at = float(mf["eval_loss"].iloc[i])
+        row = (variant, int(mf["step"].iloc[i]), at, float(after.min()))
+        informative.append(row)
+        (kept if after.min() < at - tol * abs(at) else stalled).append(row)
+    if not informative:
+        return _verdict("not enough data", f"No run has evaluations after its general metrics degraded "
+                        f"({len(held)} runs held throughout: {', '.join(held) or 'none'}); needed: a wide variant "
+                        "(e.g. C3) trained past its guardrail triggers with early_stopping: false.")
+    show = lambda rows: "; ".join(f"{v} from step {s}: {a:.3f}->{b:.3f}" for v, s, a, b in rows[:3])  # noqa: E731
+    if 2 * len(stalled) >= len(informative):
+        return _verdict("supported", f"In {len(stalled)} of {len(informative)} runs eval loss stopped improving "
+                        f"(by more than {tol:.0%}) once general metrics degraded ({show(stalled)}).")
+    return _verdict("not supported", f"In {len(kept)} of {len(informative)} runs eval loss kept improving after "
+                    f"general metrics degraded ({show(kept)}): task fit still grows while generality falls.")
+
+
+# ---------------------------------------------------------------- everything at once
+
+def write_summary(runs_root=None, out_dir=None) -> dict[str, Path]:
+    """The table (study.csv), the figures (PNG) and verdicts.json under out_dir (default outputs/summary)."""
+    import matplotlib
+
+    if not _in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = runs_dir(runs_root)
+    df = collect_runs(root)
+    if df.empty:
+        raise LoraKitError(f"no run folders with a summary.json under {root}; run variants first "
+                           "(python -m lora_kit matrix) or pass runs_root")
+    out = Path(out_dir) if out_dir else outputs_dir() / "summary"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / "study.csv"}
+    df.to_csv(paths["table"], index=False)
+
+    def save(name: str, fig) -> None:
+        paths[name] = out / f"{name}.png"
+        fig.savefig(paths[name], dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+    for name, y in (("frontier_irrelevant", "irrelevant_pass"), ("frontier_hallucination", "hallucination")):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        plot_frontier(df, "best_eval_loss", y, ax=ax)
+        save(name, fig)
+    save("heatmaps", plot_heatmaps(df))
+    save("curves", plot_curves(df))
+    restart = plot_restart(df)
+    if restart is not None:
+        save("restart", restart)
+    paths["verdicts"] = out / "verdicts.json"
+    paths["verdicts"].write_text(json.dumps(hypothesis_verdicts(df), indent=2, ensure_ascii=False) + "\n",
+                                 encoding="utf-8")
+    return paths

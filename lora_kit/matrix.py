@@ -1,0 +1,158 @@
+"""Running many variants: one papermill process per variant, A0 first, skip / resume / record failures.
+
+    python -m lora_kit matrix                 # the priority variants: A0, A1, A2, B2, B3, C2, C3
+    python -m lora_kit matrix C2 C3 --jobs 2  # chosen variants, two at a time (one GPU each when present)
+    python -m lora_kit matrix C2 --grid lora_rank=8,16,32
+    python -m lora_kit matrix --status        # the table of statuses, from the run folders
+
+Each variant runs notebooks/train.ipynb with its params file and writes the executed notebook into
+its run folder. Status always comes from the run folders, so an interrupted matrix is resumed by
+running the same command again: finished runs are skipped, interrupted ones resume from their last
+checkpoint (the Trainer's own resume), failed ones are retried.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import STUDY_PRIORITY, STUDY_VARIANTS, parse_set
+from .errors import ConfigError
+from .paths import NOTEBOOKS_DIR, PARAMS_DIR, runs_dir
+from .rundir import RunFolder, write_json_atomic
+
+FINISHED = ("completed", "stopped_early")
+BASELINE = "A0"
+
+
+@dataclass
+class Job:
+    """One variant to run: its name, its params file and extra parameters (from --set or --grid)."""
+
+    variant: str
+    params_file: Path
+    overrides: dict = field(default_factory=dict)
+
+
+def variant_file(name: str, params_dir: Path = PARAMS_DIR) -> Path:
+    path = params_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in params_dir.glob("*.yaml") if p.stem != "defaults")
+        raise ConfigError(f"variant {name!r}: no params/{name}.yaml; known variants: {', '.join(known)}.")
+    return path
+
+
+def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str] = (),
+              overrides: dict | None = None, params_dir: Path = PARAMS_DIR) -> list[Job]:
+    """The jobs in run order: A0 first (the others' guardrail baseline), then the rest as given."""
+    names = list(STUDY_VARIANTS) if all_variants else (variants or list(STUDY_PRIORITY))
+    if BASELINE not in names and (params_dir / f"{BASELINE}.yaml").exists():
+        names = [BASELINE, *names]
+    names = sorted(dict.fromkeys(names), key=lambda n: n != BASELINE)  # stable: A0 first, others in order
+    jobs = [Job(n, variant_file(n, params_dir), dict(overrides or {})) for n in names]
+    if grid:
+        axes = []
+        for item in grid:
+            key, _, values = item.partition("=")
+            if not key or not values:
+                raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. lora_rank=8,16,32.")
+            axes.append([(key, parse_set([f"{key}={v}"])[key]) for v in values.split(",")])
+        base = [j for j in jobs if j.variant != BASELINE]
+        jobs = [j for j in jobs if j.variant == BASELINE]
+        for job in base:
+            for combo in itertools.product(*axes):
+                name = job.variant + "".join(f"_{k}{v}" for k, v in combo)
+                jobs.append(Job(name, job.params_file, {**job.overrides, **dict(combo), "variant": name}))
+    return jobs
+
+
+def run_status(runs_root: Path, variant: str) -> str:
+    """'completed', 'stopped_early', 'failed', 'running' (live), 'stale' (dead process) or 'missing'."""
+    return RunFolder(runs_root / variant).status() or "missing"
+
+
+def _gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def run_job(job: Job, runs_root: Path, *, slot: int = 0, log=print) -> str:
+    """Execute train.ipynb for one job with papermill in its own process; returns the final status."""
+    folder = runs_root / job.variant
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS_DIR / "train.ipynb"), str(folder / "train.ipynb"),
+           "-p", "params_file", str(job.params_file), "-p", "output_dir", str(runs_root),
+           "--cwd", str(NOTEBOOKS_DIR), "--no-progress-bar", "-k", "lora_kit"]
+    if job.overrides:  # lists and strings need YAML, not -p (papermill's -p only converts numbers)
+        cmd += ["-y", json.dumps(job.overrides)]
+    env = dict(os.environ)
+    gpus = _gpus()
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    t0 = time.time()
+    log(f"[{job.variant}] started" + (f" on GPU {slot % gpus}" if gpus else ""))
+    with open(folder / "papermill.log", "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    status = run_status(runs_root, job.variant)
+    if proc.returncode != 0 and status not in ("failed",):
+        # the notebook died before train() could record anything (e.g. a config error): record it here
+        previous = RunFolder(folder).summary() or {}
+        write_json_atomic(folder / "summary.json", {
+            **previous, "variant": job.variant, "status": "failed",
+            "error": f"papermill exited with {proc.returncode}; see {folder / 'papermill.log'}"})
+        status = "failed"
+    log(f"[{job.variant}] {status} in {time.time() - t0:.0f}s (log: {folder / 'papermill.log'})")
+    return status
+
+
+def run_matrix(jobs: list[Job], *, runs_root: Path | None = None, n_jobs: int = 1, dry_run: bool = False,
+               log=print) -> dict[str, str]:
+    """Run the jobs that are not finished, A0 first and alone; returns {variant: final status}."""
+    runs_root = runs_dir(None) if runs_root is None else Path(runs_root)
+    statuses = {j.variant: run_status(runs_root, j.variant) for j in jobs}
+    todo = []
+    for job in jobs:
+        s = statuses[job.variant]
+        if s in FINISHED:
+            log(f"[{job.variant}] {s}: skipped")
+        elif s == "running":
+            log(f"[{job.variant}] running in another process: skipped")
+        else:
+            todo.append(job)
+            resume = RunFolder(runs_root / job.variant).last_checkpoint()
+            log(f"[{job.variant}] {s}: " + (f"will resume from {resume.name}" if resume else "will run"))
+    if dry_run:
+        return statuses
+    first = [j for j in todo if j.variant == BASELINE]
+    rest = [j for j in todo if j.variant != BASELINE]
+    for job in first:
+        statuses[job.variant] = run_job(job, runs_root, log=log)
+    with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
+        results = pool.map(lambda ij: run_job(ij[1], runs_root, slot=ij[0], log=log), enumerate(rest))
+        for job, status in zip(rest, results):
+            statuses[job.variant] = status
+    return statuses
+
+
+def status_table(runs_root: Path | None = None) -> str:
+    """A plain-text table of every run folder: status, stop reason, steps, best checkpoint, wall time."""
+    runs_root = runs_dir(None) if runs_root is None else Path(runs_root)
+    lines = [f"{'variant':<14}{'status':<15}{'stop reason':<20}{'steps':>6}  {'best checkpoint':<28}{'wall':>7}"]
+    for folder in sorted(p for p in runs_root.glob("*") if p.is_dir()):
+        run = RunFolder(folder)
+        s = run.summary() or {}
+        best = (s.get("best") or {}).get("checkpoint") or "-"
+        wall = (s.get("timings") or {}).get("wall_seconds")
+        lines.append(f"{folder.name:<14}{run.status() or 'missing':<15}{s.get('stop_reason') or '-':<20}"
+                     f"{s.get('steps', '-')!s:>6}  {best:<28}{(f'{wall:.0f}s' if wall else '-'):>7}")
+    return "\n".join(lines)

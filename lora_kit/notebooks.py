@@ -1,0 +1,173 @@
+"""The notebooks' source, kept in the library so their parameters cannot drift from RunConfig.
+
+`python -m lora_kit.notebooks` rewrites notebooks/*.ipynb (without outputs); a test checks that the
+committed notebooks equal what this module renders.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import textwrap
+import typing
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from .config import RunConfig, field_docs
+from .paths import NOTEBOOKS_DIR
+
+KERNEL = {"name": "lora_kit", "display_name": "Python (lora_kit)", "language": "python"}
+
+
+def _annotation(f: dataclasses.Field) -> str:
+    """Optional[...] of the field's base type, in the form papermill's --help-notebook parses."""
+    hint = typing.get_type_hints(RunConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = args[0]
+    name = {int: "int", float: "float", str: "str", bool: "bool"}.get(base, "list")
+    if typing.get_origin(base) is typing.Literal:
+        name = "str"
+    return f"Optional[{name}]"
+
+
+def parameters_cell() -> str:
+    """Every RunConfig parameter as `name: Optional[type] = None  # help`; None means 'from the params files'."""
+    docs = field_docs()
+    lines = ["# Parameters (papermill injects -p / -f values after this cell). None = take the value from",
+             "# params/defaults.yaml -> params/profiles/<profile>.yaml -> params_file.",
+             "from typing import Optional",
+             "",
+             "params_file: Optional[str] = None  # a params/*.yaml variant file to start from, e.g. ../params/C2.yaml"]
+    for f in dataclasses.fields(RunConfig):
+        doc = docs.get(f.name, "").split(". ")[0].rstrip(".")
+        lines.append(f"{f.name}: {_annotation(f)} = None  # {doc[:150]}")
+    return "\n".join(lines)
+
+
+def train_notebook() -> nbformat.NotebookNode:
+    cells = [
+        new_markdown_cell(textwrap.dedent("""\
+            # Train one variant of the study
+
+            LoRA on the last `llm_last` decoder layers and the last `vit_last` vision blocks, per-tower learning
+            rates, guardrail evaluation every `eval_steps`, early stopping and the constrained best checkpoint.
+            Run it with papermill, e.g. `papermill train.ipynb out.ipynb -p llm_last 2 -p vit_last 4` or
+            `papermill notebooks/train.ipynb out.ipynb -f params/C2.yaml`; or open it and run all cells.
+            Everything lands in `outputs/runs/<variant>/`.""")),
+        new_code_cell(parameters_cell(), metadata={"tags": ["parameters"]}),
+        new_markdown_cell("Resolve the parameters: defaults, the toy profile, the variant file, then the values "
+                          "set above. Any problem stops here, before a model is loaded."),
+        new_code_cell(textwrap.dedent("""\
+            from lora_kit.config import RunConfig, load_config
+            from lora_kit.views import notebook_overrides, show_plan, show_run
+
+            overrides = notebook_overrides(globals(), RunConfig)
+            cfg = load_config([params_file] if params_file else [], overrides, overrides_source="notebook parameters")
+            print(f"variant {cfg.variant_name}: llm_last={cfg.llm_last}, vit_last={cfg.vit_last}, model={cfg.model}")""")),
+        new_markdown_cell("## The modules that get LoRA"),
+        new_code_cell("show_plan(cfg)"),
+        new_markdown_cell("## Training with guardrails"),
+        new_code_cell(textwrap.dedent("""\
+            from lora_kit.train import train
+
+            run_dir = train(cfg)""")),
+        new_markdown_cell("## Curves, guardrails against their thresholds, and the outcome"),
+        new_code_cell("show_run(run_dir)"),
+    ]
+    return _finish(cells)
+
+
+def summary_notebook() -> nbformat.NotebookNode:
+    cells = [
+        new_markdown_cell(textwrap.dedent("""\
+            # The study: frontier, heatmaps, curves and hypothesis verdicts
+
+            Reads every run folder (`outputs/runs/<variant>/`) into one table and answers the study's question:
+            how many LoRA-instrumented layers, per tower, buy task fit before the model loses its general ability?
+            Run it after the variants, e.g. `papermill notebooks/summary.ipynb out.ipynb`, or open it and run all
+            cells. The table and figures are saved under `outputs/summary/` by the last cell.""")),
+        new_code_cell(textwrap.dedent("""\
+            # Parameters (papermill injects -p values after this cell).
+            from typing import Optional
+
+            runs_root: Optional[str] = None  # run folders (default outputs/runs)
+            out_dir: Optional[str] = None  # where the table and figures go (default outputs/summary)"""),
+            metadata={"tags": ["parameters"]}),
+        new_markdown_cell(textwrap.dedent("""\
+            ## One row per run
+
+            Each run's guardrail metrics at its best checkpoint: the lowest eval loss among checkpoints that kept
+            irrelevant pass and hallucination within their margins of the baseline. A run with no such checkpoint
+            is *infeasible* and shows its last evaluation. Rates are given with their Wilson 95% interval and n.""")),
+        new_code_cell(textwrap.dedent("""\
+            import matplotlib.pyplot as plt
+
+            from lora_kit import frontier
+            from lora_kit.paths import runs_dir
+
+            df = frontier.collect_runs(runs_dir(runs_root))
+            frontier.study_table(df)""")),
+        new_markdown_cell(textwrap.dedent("""\
+            ## The frontier: task fit against generalization
+
+            Eval loss (task fit) against the irrelevant-image pass rate and against the OOD hallucination rate.
+            Orange points connected by the line are the Pareto front of the feasible runs: no other run is at
+            least as good on both axes and better on one. Hollow squares had no feasible checkpoint.""")),
+        new_code_cell(textwrap.dedent("""\
+            fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+            frontier.plot_frontier(df, "best_eval_loss", "irrelevant_pass", ax=axes[0])
+            frontier.plot_frontier(df, "best_eval_loss", "hallucination", ax=axes[1]);""")),
+        new_markdown_cell("## Each metric over llm_last × vit_last\n\n"
+                          "The study grid at its common settings (LR-grid and restart runs are left out here)."),
+        new_code_cell("frontier.plot_heatmaps(df);"),
+        new_markdown_cell("## Training and guardrail curves of every run\n\n"
+                          "X marks where a guardrail stopped a run, a star its best checkpoint."),
+        new_code_cell("frontier.plot_curves(df);"),
+        new_markdown_cell("## Stage-3 continue vs stage-2 restart\n\n"
+                          "Shown when both a variant and its `_restart` run exist (e.g. C2 and C2_restart)."),
+        new_code_cell(textwrap.dedent("""\
+            if frontier.plot_restart(df) is None:
+                print("no restart pair yet: run a variant and its _restart variant (C2, C2_restart)")""")),
+        new_markdown_cell(textwrap.dedent("""\
+            ## Hypotheses
+
+            Each verdict is computed from the runs above. Two rates differ only when their 95% intervals do not
+            overlap, two losses only when they differ by more than 2%; otherwise the data are not enough, and the
+            evidence says which runs would settle it.""")),
+        new_code_cell(textwrap.dedent("""\
+            import pandas as pd
+
+            pd.set_option("display.max_colwidth", None)
+            pd.DataFrame(frontier.hypothesis_verdicts(df)).set_index("hypothesis")""")),
+        new_markdown_cell("## Save the table, the figures and the verdicts"),
+        new_code_cell(textwrap.dedent("""\
+            for name, path in frontier.write_summary(runs_root, out_dir).items():
+                print(f"{name}: {path}")""")),
+    ]
+    return _finish(cells)
+
+
+def _finish(cells) -> nbformat.NotebookNode:
+    for i, cell in enumerate(cells):
+        cell["id"] = f"cell-{i}"  # stable ids: the rendered file is deterministic
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = KERNEL
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+NOTEBOOKS = {"train.ipynb": train_notebook, "summary.ipynb": summary_notebook}
+
+
+def render(name: str) -> str:
+    return json.dumps(NOTEBOOKS[name](), indent=1, ensure_ascii=False) + "\n"
+
+
+def main() -> None:
+    for name in NOTEBOOKS:
+        (NOTEBOOKS_DIR / name).write_text(render(name), encoding="utf-8")
+        print(f"wrote notebooks/{name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""One variant of the study, from a RunConfig to a complete run folder, on the Hugging Face Trainer.
+
+    cfg = load_config(["params/C2.yaml"]); run_dir = train(cfg)
+
+The Trainer owns the loop (schedule, accumulation, checkpoints, resume, TensorBoard, multi-GPU
+launch); lora_kit adds what the study needs through the Trainer's extension points: per-tower
+optimizer groups (`create_optimizer`), correct packing (the data collator) and the guardrail
+evaluation (a `TrainerCallback`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from . import __version__, guardrails, scoring
+from .config import RunConfig
+from .augment import make_augment
+from .data import IGNORE_INDEX, AugmentedDataset, Encoded, Encoder, Sample, collate_padded, read_jsonl
+from .errors import ConfigError, LoraKitError
+from .evaluate import benchmark_metrics, caption_answers, crop_consistency, generate, mean_loss, samples_record
+from .paths import REPO_ROOT, runs_dir
+from .rundir import RunFolder
+from .targeting import TargetPlan, Towers, find_towers, plan_from_regex, plan_targets, verify_wrapped, wrapped_modules
+
+
+# ---------------------------------------------------------------- the pieces
+
+def load_base(cfg: RunConfig):
+    """Processor and model through the generic Hugging Face path (toy or a real folder), CPU or GPU."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .toy import resolve_model
+
+    path = resolve_model(cfg.model)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    return path, processor, model
+
+
+def attach_lora(model, plan: TargetPlan, towers: Towers, cfg: RunConfig):
+    """Wrap exactly the planned modules with LoRA (or continue an init_adapter), verified against the plan."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    modules_to_save = [a.rsplit(".", 1)[-1] for a in towers.aligner
+                       if any(m in a.rsplit(".", 1)[-1] for m in cfg.modules_to_save)] or None
+    how = "new"
+    if cfg.init_adapter:
+        adapter = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        if set(wrapped_modules(adapter)) == set(plan.modules):
+            how = "continued"  # the stage-3 adapter targets the same modules: keep training it
+            verify_wrapped(adapter, plan)
+            return adapter, how
+        model = adapter.merge_and_unload()  # different targets: fold stage 3 into the base, start a new LoRA
+        how = "merged init_adapter, new LoRA"
+    if not plan.modules and not modules_to_save:
+        return model, "none"
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                        target_modules=plan.regex or [], modules_to_save=modules_to_save)
+    peft_model = get_peft_model(model, config)
+    verify_wrapped(peft_model, plan)
+    return peft_model, how
+
+
+def tower_of_parameter(name: str, towers: Towers) -> str:
+    """'llm', 'vit' or 'aligner' for a (peft-prefixed) parameter name, from the discovered towers."""
+    base = name.removeprefix("base_model.model.")
+    for tower, prefixes in (("llm", towers.llm_layers), ("vit", towers.vit_blocks), ("aligner", towers.aligner)):
+        if any(base == p or base.startswith(p + ".") for p in prefixes):
+            return tower
+    raise LoraKitError(f"trainable parameter {name} belongs to no tower (decoder layers, vision blocks, aligner); "
+                       "lora_kit trains only those. Check modules_to_save.")
+
+
+def optimizer_groups(model, towers: Towers, cfg: RunConfig) -> list[dict]:
+    """ms-swift's multimodal grouping: decoder at learning_rate, vision at vit_lr, aligner at aligner_lr,
+    each split into decay (matrices) and no-decay (biases, norms) groups. Every trainable parameter
+    lands in exactly one group; anything else is an error."""
+    lrs = {"llm": cfg.learning_rate, "vit": cfg.vit_lr, "aligner": cfg.aligner_lr}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        tower = tower_of_parameter(name, towers)
+        decay = p.ndim >= 2 and "norm" not in name.lower()
+        g = groups.setdefault((tower, decay), {"params": [], "names": [], "lr": lrs[tower], "tower": tower,
+                                               "weight_decay": cfg.weight_decay if decay else 0.0})
+        g["params"].append(p)
+        g["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+class StudyTrainer(Trainer):
+    """The Trainer with per-tower learning rates."""
+
+    def __init__(self, *args, towers: Towers, run_cfg: RunConfig, **kwargs):
+        self.towers, self.run_cfg = towers, run_cfg
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = optimizer_groups(self.model, self.towers, self.run_cfg)
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs.pop("lr", None)
+            self.optimizer = cls([{k: v for k, v in g.items() if k not in ("names", "tower")} for g in groups],
+                                 lr=self.args.learning_rate, **kwargs)
+            trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+            grouped = [id(p) for g in self.optimizer.param_groups for p in g["params"]]
+            if sorted(grouped) != sorted(trainable):  # nothing left out, nothing twice
+                raise LoraKitError("internal: optimizer groups do not cover every trainable parameter exactly once")
+        return self.optimizer
+
+
+# ---------------------------------------------------------------- packing
+
+class Collator:
+    """Batches for training: packed rows (samples concatenated, no cross-sample attention) or padded rows."""
+
+    def __init__(self, processor, model, packing: bool, max_length: int):
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.image_token_id = processor.image_token_id
+        self.packing = packing
+        self.max_length = max_length
+        self.rope_index = _rope_index_fn(model) if packing else None
+
+    def __call__(self, batch: list[Encoded]) -> dict:
+        if not self.packing:
+            return collate_padded(batch, self.pad_id, self.image_token_id)
+        return collate_packed(batch, self.pad_id, self.image_token_id, self.max_length, self.rope_index)
+
+
+def _rope_index_fn(model):
+    """The model's own multimodal rope index (Qwen-VL `get_rope_index`), found through peft wrappers."""
+    inner = model
+    for _ in range(4):
+        if hasattr(inner, "get_rope_index"):
+            return inner.get_rope_index
+        inner = getattr(inner, "model", None) or getattr(inner, "base_model", None)
+        if inner is None:
+            break
+    raise ConfigError("packing=true needs a model with multimodal rope (Qwen-VL `get_rope_index`); "
+                      "set packing: false for this model.")
+
+
+def collate_packed(batch: list[Encoded], pad_id: int, image_token_id: int, max_length: int, rope_index) -> dict:
+    """Concatenate samples into rows of at most max_length with per-sample position ids.
+
+    Positions restart at 0 for each sample (row 0 of the (4, rows, length) position ids is the text
+    position, rows 1-3 the sample's own 3-D rope positions), and attention_mask is None: transformers
+    then detects the restarts and builds a block-diagonal causal mask, so samples never see each other.
+    """
+    rows: list[list[Encoded]] = []
+    for e in sorted(batch, key=lambda e: -len(e.input_ids)):  # first-fit decreasing
+        for row in rows:
+            if sum(len(x.input_ids) for x in row) + len(e.input_ids) <= max_length:
+                row.append(e)
+                break
+        else:
+            rows.append([e])
+    width = max(sum(len(x.input_ids) for x in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((4, len(rows), width), dtype=torch.long)
+    ordered: list[Encoded] = []
+    for r, row in enumerate(rows):
+        col = 0
+        for e in row:
+            n = len(e.input_ids)
+            t = torch.tensor(e.input_ids)
+            ids[r, col:col + n] = t
+            labels[r, col:col + n] = torch.tensor(e.labels)
+            mm = (t == image_token_id).int()[None]
+            p3, _ = rope_index(t[None], mm_token_type_ids=mm, image_grid_thw=e.image_grid_thw)
+            pos[0, r, col:col + n] = torch.arange(n)
+            pos[1:, r, col:col + n] = p3[:, 0]
+            col += n
+            ordered.append(e)
+        if col < width:  # padding continues as its own "sample" so it attends to nothing real
+            pos[:, r, col:] = torch.arange(width - col)
+    out = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None,
+           "mm_token_type_ids": (ids == image_token_id).int()}
+    pv = [e.pixel_values for e in ordered if e.pixel_values is not None]
+    if pv:
+        out["pixel_values"] = torch.cat(pv)
+        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in ordered if e.image_grid_thw is not None])
+    return out
+
+
+# ---------------------------------------------------------------- guardrail evaluation
+
+@dataclass
+class EvalSet:
+    """Everything one evaluation needs, encoded once."""
+
+    val: list[Encoded]
+    train_subset: list[Encoded]
+    general: list[Encoded]
+    bench: list[Sample]
+    spotcheck: list[Sample]
+    terms: dict
+    crops: list[Sample] = field(default_factory=list)
+
+
+class GuardrailCallback(TrainerCallback):
+    """At every evaluation: all guardrail metrics, one metrics.jsonl line, TensorBoard, triggers, stop."""
+
+    def __init__(self, run: RunFolder, cfg: RunConfig, encoder: Encoder, evalset: EvalSet):
+        self.run, self.cfg, self.encoder, self.evalset = run, cfg, encoder, evalset
+        self.history = run.read_metrics()
+        self.baseline: dict | None = None
+        self.baseline_source = None
+        self.trigger: guardrails.Trigger | None = None
+        self.eval_seconds = 0.0
+        self.tb = None
+
+    def evaluate(self, model, step: int, epoch: float) -> dict:
+        t0 = time.time()
+        cfg, enc, es = self.cfg, self.encoder, self.evalset
+        pad = enc.tokenizer.pad_token_id
+        loss = lambda data: mean_loss(model, data, batch_size=cfg.per_device_eval_batch_size,  # noqa: E731
+                                      image_token_id=enc.image_token_id, pad_id=pad)
+        eval_loss = loss(es.val)  # the same estimator as train_loss, so the gap compares like with like
+        train_loss = loss(es.train_subset)
+        gens = generate(model, enc, es.bench, batch_size=cfg.per_device_eval_batch_size,
+                        max_new_tokens=cfg.max_new_tokens)
+        record = {"step": step, "epoch": epoch, "eval_loss": eval_loss, "train_loss": train_loss,
+                  "gap": eval_loss - train_loss, "general_loss": loss(es.general)}
+        record |= benchmark_metrics(es.bench, gens, es.terms, cfg.irrelevant_label)
+        captions = caption_answers(model, enc, es.spotcheck, cfg)
+        record["crop"] = crop_consistency(model, enc, es.crops, cfg) if es.crops else None
+        baseline_captions = self._baseline_captions(captions)
+        record["captions"] = captions  # a later run's caption baseline when this is A0's step 0
+        record["caption"] = guardrails.caption_sanity(
+            captions, baseline_captions, es.terms, manual=self.run.verdicts(), chrf_min=cfg.caption_chrf_min,
+            checkpoint=f"checkpoint-{step}")
+        record["checkpoint"] = (f"checkpoints/checkpoint-{step}" if step and step % cfg.save_steps == 0 else None)
+        record["eval_seconds"] = time.time() - t0
+        self.eval_seconds += record["eval_seconds"]
+        self.run.write_samples(step, samples_record(es.bench, gens), captions)
+        return record
+
+    def _baseline_captions(self, captions: list[str]) -> list[str]:
+        if self.baseline is not None and self.baseline.get("captions"):
+            return self.baseline["captions"]
+        return captions  # step 0 of a run without A0: its own captions are the reference
+
+    def record(self, record: dict) -> None:
+        self.run.append_metrics(record)
+        self.history.append(record)
+        if self.baseline is None:
+            self.baseline, self.baseline_source = guardrails.baseline_record(
+                self.run.path, self.run.path.parent, model=self.cfg.model)
+        self._tensorboard(record)
+
+    def _tensorboard(self, record: dict) -> None:
+        if self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run.path / "tb" / "guardrails"))
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.tb.add_scalar(f"guardrails/{key}", value, record["step"])
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    if k in ("rate", "mean_chrf_vs_baseline", "agreement_rate", "label_flip_rate", "mean_chrf") \
+                            and isinstance(v, (int, float)) and v == v:
+                        self.tb.add_scalar(f"guardrails/{key}" + ("" if k == "rate" else f"_{k}"), v, record["step"])
+        self.tb.flush()
+
+    def evaluate_and_check(self, model, step: int, epoch: float) -> guardrails.Trigger | None:
+        """One guardrail evaluation: metrics line, TensorBoard, then the triggers (never at step 0)."""
+        self.record(self.evaluate(model, step, epoch))
+        if step:
+            self.trigger = guardrails.check_triggers(self.history, self.baseline, self.cfg)
+        return self.trigger
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step % self.cfg.eval_steps or not state.is_world_process_zero:
+            return
+        if any(r["step"] == step for r in self.history):  # already evaluated before an interruption
+            return
+        if self.evaluate_and_check(model, step, state.epoch or 0.0) and self.cfg.early_stopping:
+            control.should_training_stop = True
+            control.should_save = True  # keep the checkpoint of the step that fired
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # fp32/bf16 training only (no loss scaling here), so a non-finite training loss is real divergence
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.trigger = guardrails.Trigger("non_finite_loss", state.global_step, {"loss": loss},
+                                              f"training loss became {loss} at step {state.global_step}")
+            control.should_training_stop = True
+
+
+# ---------------------------------------------------------------- the run
+
+def _data_files(cfg: RunConfig) -> dict[str, Path]:
+    from .toy import toy_files
+
+    files = {k: getattr(cfg, k) for k in ("train_file", "val_file", "bench_file", "general_file",
+                                          "spotcheck_file", "terms_file")}
+    if any(v is None for v in files.values()):
+        if cfg.model not in ("toy", "toy-stage2"):
+            missing = [k for k, v in files.items() if v is None]
+            raise ConfigError(f"{', '.join(missing)} not set: a real model needs its data files; "
+                              "set them in the variant file or with --set.")
+        defaults = toy_files()
+        files = {k: Path(v) if v is not None else defaults[k] for k, v in files.items()}
+    return {k: Path(v) for k, v in files.items()}
+
+
+def _subset(items: list, n: int, seed: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    return random.Random(seed).sample(items, n)
+
+
+def _bench_subset(samples: list[Sample], per_kind: int, seed: int) -> list[Sample]:
+    """At most `per_kind` samples of each benchmark kind, the same ones at every evaluation."""
+    out = []
+    for kind in ("irrelevant", "ood", "in_domain"):
+        out += _subset([s for s in samples if s.extra.get("kind", "in_domain") == kind], per_kind, seed)
+    return out
+
+
+def code_version() -> dict:
+    """The git commit and dirty flag of the kit's code, for params.json."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"lora_kit": __version__, "commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--", "lora_kit", "params", "notebooks"))}
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "torchvision", "transformers", "peft", "accelerate", "papermill"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def train(cfg: RunConfig, *, log=print) -> Path:
+    """Run one variant: plan, LoRA, training with guardrail evaluation, summary. Returns the run folder."""
+    from transformers import set_seed
+
+    t_start = time.time()
+    run = RunFolder(runs_dir(cfg.output_dir) / cfg.variant_name)
+    run.claim(overwrite=cfg.overwrite)  # refuses a completed run or a live second process
+    try:
+        set_seed(cfg.seed)
+        files = _data_files(cfg)
+        train_samples, skipped_train = read_jsonl(files["train_file"], on_bad_sample=cfg.on_bad_sample)
+        val_samples, skipped_val = read_jsonl(files["val_file"], on_bad_sample=cfg.on_bad_sample)
+        bench_all, _ = read_jsonl(files["bench_file"], need_assistant=False)
+        general_samples, _ = read_jsonl(files["general_file"])
+        spot_samples, _ = read_jsonl(files["spotcheck_file"], need_assistant=False)
+        terms = scoring.load_terms(files["terms_file"])
+
+        model_path, processor, model = load_base(cfg)
+        towers = find_towers(model)
+        plan = (plan_from_regex(towers, cfg.target_regex) if cfg.target_regex
+                else plan_targets(towers, cfg.llm_last, cfg.vit_last))
+        model, adapter_how = attach_lora(model, plan, towers, cfg)
+        groups = optimizer_groups(model, towers, cfg)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+        encoder = Encoder(processor, cfg.max_length)
+        encode = lambda samples: [encoder.encode(s) for s in samples]  # noqa: E731
+        t0 = time.time()
+        val_data = encode(val_samples)
+        augment = make_augment(cfg.augmentation, cfg.augment_strength, cfg.seed)
+        # Without augmentation every sample is encoded once; with it, each draw is a new augmentation.
+        train_data = encode(train_samples) if augment is None else AugmentedDataset(train_samples, encoder, augment)
+        evalset = EvalSet(
+            val=val_data, train_subset=encode(_subset(train_samples, len(val_samples), cfg.seed)),
+            general=encode(general_samples), bench=_bench_subset(bench_all, cfg.eval_max_samples, cfg.seed),
+            spotcheck=spot_samples, terms=terms,
+            crops=[s for s in _bench_subset(bench_all, cfg.crop_jitter_k and 8, cfg.seed)
+                   if s.extra.get("kind") == "ood"] if cfg.crop_jitter_k else [])
+        encode_seconds = time.time() - t0
+
+        run.write_params({
+            "config": cfg.to_dict(), "variant": cfg.variant_name, "code": code_version(),
+            "packages": package_versions(), "model_path": str(model_path),
+            "data_files": {k: str(v) for k, v in files.items()},
+            "skipped_samples": {"train": skipped_train, "val": skipped_val},
+            "targets": {"llm_layers": plan.llm_layers, "vit_blocks": plan.vit_blocks, "modules": plan.modules,
+                        "regex": plan.regex, "counts": plan.counts(), "aligner": towers.aligner,
+                        "adapter": adapter_how},
+            "optimizer_groups": [{"tower": g["tower"], "lr": g["lr"], "weight_decay": g["weight_decay"],
+                                  "n_params": sum(p.numel() for p in g["params"]), "names": g["names"]}
+                                 for g in groups],
+            "trainable_parameters": trainable,
+            "augmentation": {"kind": cfg.augmentation, "strength": cfg.augment_strength},
+        })
+        callback = GuardrailCallback(run, cfg, encoder, evalset)
+        trainer = None
+        if not callback.history:
+            callback.evaluate_and_check(model, 0, 0.0)  # step 0: the run's own baseline before any update
+        if trainable == 0:  # A0: evaluation only; its step-0 metrics are the study's baseline
+            log(f"{cfg.variant_name}: nothing to train (llm_last=0, vit_last=0): evaluation-only baseline run")
+        else:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tb")
+            trainer = StudyTrainer(
+                model=model, args=training_arguments(cfg, run.path), train_dataset=train_data,
+                data_collator=Collator(processor, model, cfg.packing, cfg.max_length),
+                callbacks=[callback], towers=towers, run_cfg=cfg)
+            resume = run.last_checkpoint()
+            log(f"{cfg.variant_name}: training {trainable:,} LoRA parameters on {len(plan.modules)} modules "
+                f"({plan.counts()}), {len(train_data)} samples" + (f", resuming from {resume.name}" if resume else ""))
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            last = trainer.state.global_step
+            if not any(r["step"] == last for r in callback.history):  # the last step gets evaluated and saved too
+                trainer.save_model(str(run.path / "checkpoints" / f"checkpoint-{last}"))
+                callback.evaluate_and_check(model, last, trainer.state.epoch or 0.0)
+                callback.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{last}"
+                run.rewrite_last_metrics(callback.history[-1])
+        history = callback.history
+        best = guardrails.choose_best(history, callback.baseline, cfg) if trainer is not None else {
+            "checkpoint": None, "step": 0, "eval_loss": history[0]["eval_loss"],
+            "reason": "evaluation-only run: the base itself is the baseline"}
+        trig = callback.trigger
+        status = "stopped_early" if trig else "completed"
+        summary = {
+            "variant": cfg.variant_name, "status": status,
+            "stop_reason": trig.name if trig else None, "stop_step": trig.step if trig else None,
+            "stop_values": trig.values if trig else None, "stop_message": trig.message if trig else None,
+            "steps": history[-1]["step"], "baseline_source": callback.baseline_source,
+            "baseline": {k: callback.baseline.get(k) for k in ("step", "eval_loss", "irrelevant_pass",
+                                                                "hallucination", "gap")},
+            "best": best, "targets": {"counts": plan.counts(), "llm_layers": plan.llm_layers,
+                                      "vit_blocks": plan.vit_blocks},
+            "llm_last": plan.llm_last, "vit_last": plan.vit_last, "trainable_parameters": trainable,
+            "timings": {"wall_seconds": time.time() - t_start, "eval_seconds": callback.eval_seconds,
+                        "encode_seconds": encode_seconds,
+                        "eval_share": callback.eval_seconds / max(time.time() - t_start, 1e-9)},
+            "skipped_samples": len(skipped_train) + len(skipped_val),
+        }
+        run.finish(summary)
+        log(f"{cfg.variant_name}: {status}" + (f" ({trig.name} at step {trig.step})" if trig else "")
+            + f", best checkpoint: {best.get('checkpoint')}, {time.time() - t_start:.0f}s")
+        return run.path
+    except BaseException as e:
+        run.fail(e)
+        raise
+    finally:
+        run.release()
+
+
+def training_arguments(cfg: RunConfig, run_path: Path) -> TrainingArguments:
+    """The Trainer's arguments, named as in the config (which uses the Hugging Face names)."""
+    return TrainingArguments(
+        output_dir=str(run_path / "checkpoints"),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler_type,
+        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
+        eval_strategy="no",  # the guardrail callback evaluates every eval_steps (one estimator for every loss)
+        save_strategy="steps", save_steps=cfg.save_steps,
+        logging_steps=cfg.logging_steps, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
+        remove_unused_columns=False, dataloader_num_workers=0, label_names=["labels"],
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=False, save_only_model=False,
+    )

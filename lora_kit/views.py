@@ -1,0 +1,133 @@
+"""What the notebooks show: parameter handling, the target table, run curves and guardrail plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .rundir import read_jsonl_records
+
+
+def notebook_overrides(namespace: dict, config_cls) -> dict:
+    """The notebook parameters that were set (not None), to apply on top of the params files."""
+    import dataclasses
+
+    return {f.name: namespace[f.name] for f in dataclasses.fields(config_cls)
+            if namespace.get(f.name) is not None}
+
+
+def plan_table(cfg) -> pd.DataFrame:
+    """The targeted modules of a config's variant (model built on the meta device: no weights read)."""
+    from .targeting import find_towers, meta_model, plan_from_regex, plan_rows, plan_targets
+    from .toy import resolve_model
+
+    towers = find_towers(meta_model(resolve_model(cfg.model, weights=False), cfg.trust_remote_code))
+    plan = plan_from_regex(towers, cfg.target_regex) if cfg.target_regex else \
+        plan_targets(towers, cfg.llm_last, cfg.vit_last)
+    return pd.DataFrame(plan_rows(plan, towers, cfg.lora_rank), columns=[
+        "tower", "layer", "module", "parameters", "lora_parameters", "name"])
+
+
+def show_plan(cfg) -> pd.DataFrame:
+    table = plan_table(cfg)
+    if table.empty:
+        print("nothing targeted: an evaluation-only baseline run")
+    else:
+        print(table.groupby("tower").agg(modules=("name", "count"), layers=("layer", lambda s: sorted(set(s))),
+                                         lora_parameters=("lora_parameters", "sum")).to_string())
+    return table
+
+
+def metrics_frame(run_dir: str | Path) -> pd.DataFrame:
+    """metrics.jsonl as a flat table: rates become <metric> (and <metric>_lo/_hi, _n) columns."""
+    rows = []
+    for r in read_jsonl_records(Path(run_dir) / "metrics.jsonl"):
+        flat = {}
+        for k, v in r.items():
+            if isinstance(v, dict) and "rate" in v:
+                flat[k], flat[f"{k}_lo"], flat[f"{k}_hi"], flat[f"{k}_n"] = v["rate"], v["lo"], v["hi"], v["n"]
+            elif isinstance(v, dict):
+                flat |= {f"{k}_{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))}
+            else:
+                flat[k] = v
+        rows.append(flat)
+    return pd.DataFrame(rows)
+
+
+def plot_run(run_dir: str | Path):
+    """Loss curves and guardrail trajectories against their thresholds; saved as run_dir/curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg") if not _in_notebook() else None
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    df = metrics_frame(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    params = json.loads((run_dir / "params.json").read_text())["config"]
+    base = summary.get("baseline") or {}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    for col in ("eval_loss", "train_loss", "general_loss"):
+        if col in df:
+            ax.plot(df["step"], df[col], marker="o", label=col)
+    ax.set(title="losses", xlabel="step")
+    ax.legend()
+    ax = axes[1]
+    if "irrelevant_pass" in df:
+        ax.plot(df["step"], df["irrelevant_pass"], marker="o", label="irrelevant pass")
+        ax.fill_between(df["step"], df["irrelevant_pass_lo"], df["irrelevant_pass_hi"], alpha=0.2)
+        b = (base.get("irrelevant_pass") or {}).get("rate")
+        if b is not None:
+            ax.axhline(b * (1 - params["irrelevant_drop_max"]), ls="--", c="C0", label="drop threshold")
+        ax.axhline(params["irrelevant_min"], ls=":", c="C0", label="absolute minimum")
+    if "hallucination" in df:
+        ax.plot(df["step"], df["hallucination"], marker="s", c="C3", label="hallucination (OOD)")
+        ax.fill_between(df["step"], df["hallucination_lo"], df["hallucination_hi"], alpha=0.2, color="C3")
+        b = (base.get("hallucination") or {}).get("rate")
+        if b is not None:
+            ax.axhline(b + params["hallucination_rise_max"], ls="--", c="C3", label="hallucination threshold")
+    ax.set(title="guardrail rates (95% Wilson)", xlabel="step", ylim=(-0.05, 1.05))
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    if "gap" in df:
+        ax.plot(df["step"], df["gap"], marker="o", label="gap (eval - train)")
+        ax.plot(df["step"], df["gap"].cummin() + params["gap_widen_max"], ls="--", label="best gap + threshold")
+    ax.set(title="generalization gap", xlabel="step")
+    ax.legend(fontsize=7)
+    stop = summary.get("stop_step")
+    for ax in axes:
+        if stop is not None:
+            ax.axvline(stop, c="k", lw=1, alpha=0.6)
+    fig.suptitle(f"{summary['variant']}: {summary['status']}"
+                 + (f" ({summary['stop_reason']} at step {stop})" if stop is not None else ""))
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    return fig
+
+
+def show_run(run_dir: str | Path) -> pd.DataFrame:
+    """Plot a finished run and print its outcome; returns the metrics table."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    plot_run(run_dir)
+    best = summary.get("best") or {}
+    print(f"status: {summary['status']}" + (f", stopped by {summary['stop_reason']} at step {summary['stop_step']}: "
+                                            f"{summary.get('stop_message')}" if summary.get("stop_reason") else ""))
+    print(f"baseline: {summary.get('baseline_source')}")
+    print(f"best checkpoint: {best.get('checkpoint')} ({best.get('reason')})")
+    df = metrics_frame(run_dir)
+    cols = [c for c in ("step", "eval_loss", "train_loss", "gap", "general_loss", "irrelevant_pass",
+                        "hallucination", "object_accuracy", "false_refusal", "blindness", "caption_degraded")
+            if c in df]
+    return df[cols]
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        return get_ipython() is not None and "IPKernelApp" in get_ipython().config
+    except ImportError:
+        return False
