@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from . import scoring
 from .errors import DataError, LoraKitError
+from .rundir import append_jsonl, read_jsonl_records
 
 TRIGGER_NAMES = ("non_finite_loss", "irrelevant_drop", "hallucination_rise", "gap_widening",
                  "caption_degraded")  # also the order in which check_triggers reports them
@@ -474,69 +474,13 @@ def choose_best(history: Sequence[Mapping], baseline: Mapping, cfg: Any) -> dict
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Every record of a metrics.jsonl, in file order.
-
-    A last line that does not end in a newline and is not valid JSON is what a writer killed
-    mid-line leaves: it is left out. Any other bad line raises DataError naming file:line.
-    NaN and Infinity (written for non-finite losses, see append_metrics) read back as floats.
-    """
-    path = Path(path)
-    lines = path.read_bytes().split(b"\n")  # bytes: a killed writer may have cut a character in two
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except ValueError as err:  # UnicodeDecodeError included
-            if number == len(lines):  # no newline after it: an interrupted write
-                break
-            raise DataError(f"{path}:{number}: not a JSON record ({err}). Fix: delete or repair that line "
-                            "(metrics.jsonl is written only by the training loop)") from err
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: a JSON {type(record).__name__}, expected one object per line. "
-                            "Fix: delete or repair that line")
-        records.append(record)
-    return records
+    """Every record of a metrics.jsonl (see rundir.read_jsonl_records: a killed writer's last line is left out)."""
+    return read_jsonl_records(path)
 
 
 def append_metrics(path: str | Path, record: Mapping) -> None:
-    """Append one evaluation record as one JSON line, flushed and fsynced.
-
-    Non-finite floats are written as NaN / Infinity (Python's JSON extension, read back by
-    read_metrics and json.loads), so a diverged loss stays distinguishable from a missing one
-    (None); rates are already None when n == 0 (scoring.Rate.as_dict). If the file ends in a
-    partial line left by a killed writer, that fragment is cut off first (or just ended with a
-    newline when it is a whole record), so the new record starts on its own line.
-    """
-    path = Path(path)
+    """Append one evaluation record (it needs an integer 'step') as one JSON line, flushed and fsynced."""
     step = record.get("step") if isinstance(record, Mapping) else None
     if isinstance(step, bool) or not isinstance(step, int):
         raise ValueError(f"an evaluation record needs an integer 'step', got {step!r}")
-    line = json.dumps(dict(record), ensure_ascii=False) + "\n"
-    if path.is_file():
-        _end_last_line(path)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _end_last_line(path: Path) -> None:
-    """Make the file end in a newline: finish a whole last record, cut a partial one."""
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
-    start = data.rfind(b"\n") + 1
-    try:
-        whole = isinstance(json.loads(data[start:].decode("utf-8")), dict)
-    except ValueError:  # UnicodeDecodeError is a ValueError too
-        whole = False
-    with path.open("r+b") as f:
-        if whole:
-            f.seek(0, os.SEEK_END)
-            f.write(b"\n")
-        else:
-            f.truncate(start)
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(path, record)

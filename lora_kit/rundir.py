@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .errors import LoraKitError
+from .errors import DataError, LoraKitError
 
 STATUSES = ("running", "completed", "stopped_early", "failed")
 
@@ -31,26 +31,72 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one whole JSON line and flush it to disk."""
-    line = json.dumps(record, ensure_ascii=False, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one record as one JSON line, flushed and fsynced.
+
+    Non-finite floats are written as NaN / Infinity (Python's JSON extension, read back by
+    read_metrics and json.loads), so a diverged loss stays distinguishable from a missing one
+    (None); rates are already None when n == 0 (scoring.Rate.as_dict). If the file ends in a
+    partial line left by a killed writer, that fragment is cut off first (or just ended with a
+    newline when it is a whole record), so the new record starts on its own line.
+    """
+    path = Path(path)
+    line = json.dumps(dict(record), ensure_ascii=False) + "\n"
+    if path.is_file():
+        _end_last_line(path)
+    with path.open("a", encoding="utf-8") as f:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
 
-def read_jsonl_records(path: Path) -> list[dict]:
-    """All complete lines of a JSONL file; a truncated last line (a killed writer) is ignored."""
+def _end_last_line(path: Path) -> None:
+    """Make the file end in a newline: finish a whole last record, cut a partial one."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        whole = isinstance(json.loads(data[start:].decode("utf-8")), dict)
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        whole = False
+    with path.open("r+b") as f:
+        if whole:
+            f.seek(0, os.SEEK_END)
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl_records(path: str | Path) -> list[dict]:
+    """Every record of a JSONL file the kit writes (metrics.jsonl, spotcheck.jsonl), in file order; [] if absent.
+
+    A last line that does not end in a newline and is not valid JSON is what a writer killed
+    mid-line leaves: it is left out. Any other bad line raises DataError naming file:line.
+    NaN and Infinity (written for non-finite losses, see append_metrics) read back as floats.
+    """
+    path = Path(path)
     if not path.exists():
         return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    lines = path.read_bytes().split(b"\n")  # bytes: a killed writer may have cut a character in two
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
-    return out
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError as err:  # UnicodeDecodeError included
+            if number == len(lines):  # no newline after it: an interrupted write
+                break
+            raise DataError(f"{path}:{number}: not a JSON record ({err}). Fix: delete or repair that line "
+                            "(the kit only appends whole lines to this file)") from err
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: a JSON {type(record).__name__}, expected one object per line. "
+                            "Fix: delete or repair that line")
+        records.append(record)
+    return records
 
 
 def _pid_alive(pid: int) -> bool:

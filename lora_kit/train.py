@@ -9,11 +9,9 @@ evaluation (a `TrainerCallback`).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time

@@ -1,0 +1,66 @@
+"""The matrix runner: order, skipping finished runs, recording failures and carrying on, grids."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_kit.errors import ConfigError
+from lora_kit.matrix import Job, plan_jobs, run_matrix, status_table
+from lora_kit.paths import PARAMS_DIR
+from lora_kit.rundir import RunFolder, write_json_atomic
+
+
+def test_priority_order_puts_a0_first():
+    jobs = plan_jobs([])
+    assert [j.variant for j in jobs] == ["A0", "A1", "A2", "B2", "B3", "C2", "C3"]
+    assert [j.variant for j in plan_jobs(["C3", "B2"])] == ["A0", "C3", "B2"]
+    assert len(plan_jobs([], all_variants=True)) == 12
+
+
+def test_grid_expands_around_each_variant():
+    jobs = plan_jobs(["C2"], grid=["lora_rank=8,16", "learning_rate=1e-4,2e-4"])
+    names = [j.variant for j in jobs]
+    assert names[0] == "A0" and len(names) == 5
+    assert "C2_lora_rank8_learning_rate0.0001" in names
+    job = jobs[names.index("C2_lora_rank16_learning_rate0.0002")]
+    assert job.overrides == {"lora_rank": 16, "learning_rate": 2e-4, "variant": "C2_lora_rank16_learning_rate0.0002"}
+
+
+def test_unknown_variant_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="no params/Z9.yaml; known variants: .*C2"):
+        plan_jobs(["Z9"])
+
+
+def test_finished_runs_are_skipped_and_a_failure_is_recorded_while_the_rest_continue(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "A0").mkdir(parents=True)
+    write_json_atomic(runs / "A0" / "summary.json", {"variant": "A0", "status": "completed"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variant: BAD\nlora_rnak: 8\n")  # a typo: the config refuses it
+    also_bad = tmp_path / "also_bad.yaml"
+    also_bad.write_text("variant: ALSO\nllm_last: -1\n")
+    log = []
+    statuses = run_matrix([Job("A0", PARAMS_DIR / "A0.yaml"), Job("BAD", bad), Job("ALSO", also_bad)],
+                          runs_root=runs, log=log.append)
+    assert statuses == {"A0": "completed", "BAD": "failed", "ALSO": "failed"}
+    assert "[A0] completed: skipped" in log
+    # the failure is recorded in the run folder with where to look, and the config error is in the log
+    summary = json.loads((runs / "BAD" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert "lora_rnak" in (runs / "BAD" / "papermill.log").read_text()
+    table = status_table(runs)
+    assert "BAD" in table and "failed" in table and "completed" in table
+
+
+def test_dry_run_reports_resume_and_runs_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    ckpt = runs / "C2" / "checkpoints" / "checkpoint-50"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    write_json_atomic(runs / "C2" / "summary.json", {"variant": "C2", "status": "running", "pid": 999999})
+    log = []
+    statuses = run_matrix(plan_jobs(["C2"]), runs_root=runs, dry_run=True, log=log.append)
+    assert statuses["C2"] == "stale"  # 'running' but no live process holds the lock
+    assert "[C2] stale: will resume from checkpoint-50" in log
+    assert RunFolder(runs / "C2").status() == "stale" and not (runs / "A0").exists()

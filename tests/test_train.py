@@ -1,0 +1,113 @@
+"""One variant end to end on a small toy: through papermill's train.ipynb and through the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_kit.paths import NOTEBOOKS_DIR, REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_params(toy_ckpt: Path, world: Path, tmp_path: Path, **extra) -> Path:
+    """A params file for a few-step run of the random toy on the mini world."""
+    p = {
+        "model": str(toy_ckpt), "profile": "none",
+        "train_file": str(world / "task_train.jsonl"), "val_file": str(world / "task_val.jsonl"),
+        "bench_file": str(world / "bench.jsonl"), "general_file": str(world / "general_eval.jsonl"),
+        "spotcheck_file": str(world / "spotcheck.jsonl"), "terms_file": str(world / "terms.json"),
+        "max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1,
+        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "eval_max_samples": 4,
+        "max_new_tokens": 6, "max_length": 256, "learning_rate": 5e-3, "vit_lr": 5e-3, "crop_jitter_k": 2,
+        "output_dir": str(tmp_path / "runs"), **extra,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(json.dumps(p))  # JSON is YAML
+    return path
+
+
+def _lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_train_notebook_with_papermill_writes_a_complete_run_folder(toy_ckpt, mini_world, tmp_path):
+    params = tiny_params(toy_ckpt, mini_world, tmp_path)
+    out = tmp_path / "out.ipynb"
+    proc = subprocess.run(
+        [sys.executable, "-m", "papermill", "train.ipynb", str(out), "-p", "params_file", str(params),
+         "-p", "llm_last", "2", "-p", "vit_last", "4", "-k", "lora_kit"],
+        cwd=NOTEBOOKS_DIR, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "C2"  # named after the study variant of 2 / 4
+    for name in ("params.json", "metrics.jsonl", "summary.json", "curves.png"):
+        assert (run / name).is_file(), name
+    assert (run / "tb").is_dir() and any((run / "samples").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    params_json = json.loads((run / "params.json").read_text())
+    assert summary["status"] in ("completed", "stopped_early")
+    assert summary["targets"]["counts"] == {"llm": 14, "vit": 16}
+
+    # The adapter wraps exactly the planned modules (14 decoder + 16 vision Linear layers).
+    ckpt = run / "checkpoints" / f"checkpoint-{summary['steps']}"
+    tensors = _lora_tensors(ckpt)
+    wrapped = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in tensors}
+    assert wrapped == set(params_json["targets"]["modules"]) and len(wrapped) == 30
+    assert all(".lora_A." in k or ".lora_B." in k for k in tensors)  # no base weight in the adapter
+
+    # LoRA weights of both towers moved away from their initialisation (B starts at zero).
+    for tower in ("language_model", "visual"):
+        b = [v for k, v in tensors.items() if tower in k and "lora_B" in k]
+        assert b and all(float(v.abs().sum()) > 0 for v in b), tower
+
+    # Base weights did not change: the checkpoint's model equals the base plus the adapter only.
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    base = AutoModelForImageTextToText.from_pretrained(toy_ckpt)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    peft_model = PeftModel.from_pretrained(base, ckpt)
+    for name, value in peft_model.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            clean = name.replace(".base_layer", "")
+            assert torch.equal(value, reference[clean]), name
+
+    # Every trainable parameter sits in exactly one optimizer group, at its tower's learning rate.
+    groups = params_json["optimizer_groups"]
+    names = [n for g in groups for n in g["names"]]
+    assert len(names) == len(set(names)) == len(tensors)
+    assert {n.removesuffix(".default.weight") for n in names} == \
+        {k.removesuffix(".weight") for k in tensors}
+    cfg = params_json["config"]
+    for g in groups:
+        expected = {"llm": cfg["learning_rate"], "vit": cfg["vit_lr"], "aligner": cfg["aligner_lr"]}[g["tower"]]
+        assert g["lr"] == expected
+        assert all(("language_model" in n) == (g["tower"] == "llm") for n in g["names"])
+    assert {g["tower"] for g in groups} == {"llm", "vit"}
+
+    # metrics: step 0 plus every eval step, each with the guardrail metrics and their n
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics][0] == 0
+    for m in metrics:
+        assert m["irrelevant_pass"]["n"] == 4 and m["hallucination"]["n"] == 4
+        assert abs(m["gap"] - (m["eval_loss"] - m["train_loss"])) < 1e-9
+    assert params_json["code"]["commit"] and params_json["packages"]["transformers"].startswith("5.")
+
+
+def test_cli_a0_is_an_evaluation_only_baseline(toy_ckpt, mini_world, tmp_path):
+    params = tiny_params(toy_ckpt, mini_world, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "lora_kit", "train", "-f", str(params), "-f",
+                           str(REPO_ROOT / "params" / "A0.yaml")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "A0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["trainable_parameters"] == 0
+    assert summary["steps"] == 0 and not (run / "checkpoints").exists()
+    # a finished run is not overwritten unless asked
+    again = subprocess.run([sys.executable, "-m", "lora_kit", "train", "-f", str(params), "-f",
+                            str(REPO_ROOT / "params" / "A0.yaml")], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "overwrite: true" in again.stderr
