@@ -24,7 +24,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import __version__, guardrails, scoring
 from .config import RunConfig
 from .augment import make_augment
-from .data import IGNORE_INDEX, AugmentedDataset, Encoded, Encoder, Sample, collate_padded, read_jsonl
+from .data import AugmentedDataset, Encoded, Encoder, Sample, collate_packed, collate_padded, read_jsonl, rope_index_fn
 from .errors import ConfigError, LoraKitError
 from .evaluate import benchmark_metrics, caption_answers, crop_consistency, generate, mean_loss, samples_record
 from .paths import REPO_ROOT, runs_dir
@@ -130,69 +130,12 @@ class Collator:
         self.image_token_id = processor.image_token_id
         self.packing = packing
         self.max_length = max_length
-        self.rope_index = _rope_index_fn(model) if packing else None
+        self.rope_index = rope_index_fn(model) if packing else None
 
     def __call__(self, batch: list[Encoded]) -> dict:
         if not self.packing:
             return collate_padded(batch, self.pad_id, self.image_token_id)
         return collate_packed(batch, self.pad_id, self.image_token_id, self.max_length, self.rope_index)
-
-
-def _rope_index_fn(model):
-    """The model's own multimodal rope index (Qwen-VL `get_rope_index`), found through peft wrappers."""
-    inner = model
-    for _ in range(4):
-        if hasattr(inner, "get_rope_index"):
-            return inner.get_rope_index
-        inner = getattr(inner, "model", None) or getattr(inner, "base_model", None)
-        if inner is None:
-            break
-    raise ConfigError("packing=true needs a model with multimodal rope (Qwen-VL `get_rope_index`); "
-                      "set packing: false for this model.")
-
-
-def collate_packed(batch: list[Encoded], pad_id: int, image_token_id: int, max_length: int, rope_index) -> dict:
-    """Concatenate samples into rows of at most max_length with per-sample position ids.
-
-    Positions restart at 0 for each sample (row 0 of the (4, rows, length) position ids is the text
-    position, rows 1-3 the sample's own 3-D rope positions), and attention_mask is None: transformers
-    then detects the restarts and builds a block-diagonal causal mask, so samples never see each other.
-    """
-    rows: list[list[Encoded]] = []
-    for e in sorted(batch, key=lambda e: -len(e.input_ids)):  # first-fit decreasing
-        for row in rows:
-            if sum(len(x.input_ids) for x in row) + len(e.input_ids) <= max_length:
-                row.append(e)
-                break
-        else:
-            rows.append([e])
-    width = max(sum(len(x.input_ids) for x in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    pos = torch.zeros((4, len(rows), width), dtype=torch.long)
-    ordered: list[Encoded] = []
-    for r, row in enumerate(rows):
-        col = 0
-        for e in row:
-            n = len(e.input_ids)
-            t = torch.tensor(e.input_ids)
-            ids[r, col:col + n] = t
-            labels[r, col:col + n] = torch.tensor(e.labels)
-            mm = (t == image_token_id).int()[None]
-            p3, _ = rope_index(t[None], mm_token_type_ids=mm, image_grid_thw=e.image_grid_thw)
-            pos[0, r, col:col + n] = torch.arange(n)
-            pos[1:, r, col:col + n] = p3[:, 0]
-            col += n
-            ordered.append(e)
-        if col < width:  # padding continues as its own "sample" so it attends to nothing real
-            pos[:, r, col:] = torch.arange(width - col)
-    out = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None,
-           "mm_token_type_ids": (ids == image_token_id).int()}
-    pv = [e.pixel_values for e in ordered if e.pixel_values is not None]
-    if pv:
-        out["pixel_values"] = torch.cat(pv)
-        out["image_grid_thw"] = torch.cat([e.image_grid_thw for e in ordered if e.image_grid_thw is not None])
-    return out
 
 
 # ---------------------------------------------------------------- guardrail evaluation
@@ -291,7 +234,10 @@ class GuardrailCallback(TrainerCallback):
             return
         if self.evaluate_and_check(model, step, state.epoch or 0.0) and self.cfg.early_stopping:
             control.should_training_stop = True
-            control.should_save = True  # keep the checkpoint of the step that fired
+            if not self.history[-1]["checkpoint"]:  # keep the checkpoint of the step that fired
+                control.should_save = True
+                self.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
+                self.run.rewrite_last_metrics(self.history[-1])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # fp32/bf16 training only (no loss scaling here), so a non-finite training loss is real divergence

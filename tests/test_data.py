@@ -7,9 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from lora_kit.data import IGNORE_INDEX, Encoder, collate_padded, read_jsonl
+from lora_kit.data import IGNORE_INDEX, Encoder, collate_packed, collate_padded, read_jsonl, rope_index_fn
 from lora_kit.errors import DataError
-from lora_kit.train import collate_packed, _rope_index_fn
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def test_packed_and_padded_batches_give_the_same_loss(toy_ckpt, processor, mini_
     batch = [enc.encode(s) for s in samples[:6]]  # images, text-only and repeated-image samples mixed
     padded = collate_padded(batch, processor.tokenizer.pad_token_id, processor.image_token_id)
     packed = collate_packed(batch, processor.tokenizer.pad_token_id, processor.image_token_id, 400,
-                            _rope_index_fn(model))
+                            rope_index_fn(model))
     assert packed["input_ids"].shape[0] < len(batch)  # several samples share a row
     with torch.no_grad():
         loss_padded = model(**padded, use_cache=False).loss
@@ -118,7 +117,7 @@ def test_packing_without_position_restarts_would_leak(toy_ckpt, processor, mini_
     enc = Encoder(processor, 512)
     batch = [enc.encode(s) for s in samples[:6]]
     packed = collate_packed(batch, processor.tokenizer.pad_token_id, processor.image_token_id, 400,
-                            _rope_index_fn(model))
+                            rope_index_fn(model))
     naive = dict(packed)
     naive.pop("position_ids")
     naive["attention_mask"] = torch.ones_like(packed["input_ids"])

@@ -88,7 +88,7 @@ def resolve_model(model: str, *, weights: bool = True, build: ToyBuild = DEFAULT
 def build_toy(*, build: ToyBuild = DEFAULT, progress: bool = True) -> dict:
     """Build (once) the toy world, the pretrained stage-2 and stage-3 bases and the base report."""
     from .pretrain import pretrain
-    from .report import base_report
+    from .report import base_report, quick_check
 
     root = build.root()
     report_path = root / "base_report.json"
@@ -101,7 +101,7 @@ def build_toy(*, build: ToyBuild = DEFAULT, progress: bool = True) -> dict:
     log(f"world ready ({time.time() - t0:.0f}s)")
     init = init_dir(build)
     training = pretrain(init, world / "pretrain.jsonl", root / "stage2", root / "stage3", build.pretrain,
-                        seed=build.model.seed, log=log)
+                        seed=build.model.seed, log=log, progress=quick_check(world) if progress else None)
     report = {
         "key": build.key(), "build": asdict(build), "pretraining": training,
         "stage3": base_report(root / "stage3", world),

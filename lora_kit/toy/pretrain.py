@@ -21,8 +21,8 @@ from ..data import Encoder, collate_padded, read_jsonl
 class PretrainSpec:
     """How the toy base is pretrained; part of the toy cache key."""
 
-    steps: int = 1500
-    stage2_step: int = 600       # stage 2: an earlier, weaker base for the restart baseline
+    steps: int = 1700            # ~0.45 s/step on 2 CPU threads: about 13 minutes
+    stage2_step: int = 700       # stage 2: an earlier, weaker base for the restart baseline
     batch_size: int = 16
     learning_rate: float = 3e-3
     warmup_steps: int = 50
@@ -30,6 +30,7 @@ class PretrainSpec:
     weight_decay: float = 0.01
     max_length: int = 256
     threads: int = 2
+    progress_every: int = 300     # a quick benchmark check (object accuracy, hallucination) in the log
 
 
 def lr_at(step: int, spec: PretrainSpec) -> float:
@@ -43,7 +44,7 @@ def lr_at(step: int, spec: PretrainSpec) -> float:
 
 
 def pretrain(init_dir: Path, train_file: Path, stage2_dir: Path, stage3_dir: Path, spec: PretrainSpec,
-             seed: int, log=print) -> dict:
+             seed: int, log=print, progress=None) -> dict:
     """Train the randomly initialised toy on the pretraining mix; save stage 2 and stage 3 as HF folders."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -66,10 +67,12 @@ def pretrain(init_dir: Path, train_file: Path, stage2_dir: Path, stage3_dir: Pat
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=spec.learning_rate, betas=(0.9, 0.95))
     pad, image_id = processor.tokenizer.pad_token_id, processor.image_token_id
-    losses, t0 = [], time.time()
+    losses, checks, t0 = [], [], time.time()
     for step in range(spec.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, spec)
+        # Padded, not packed: measured here, packing these ~85-token samples into 512-token rows made a step
+        # 16% slower (0.52 vs 0.45 s) since CPU attention then works on the whole row with a block mask.
         batch = collate_padded(rng.sample(encoded, spec.batch_size), pad, image_id)
         loss = model(**batch, use_cache=False).loss
         if not math.isfinite(loss.item()):
@@ -84,11 +87,15 @@ def pretrain(init_dir: Path, train_file: Path, stage2_dir: Path, stage3_dir: Pat
             elapsed = time.time() - t0
             log(f"pretrain step {step + 1}/{spec.steps}  loss {recent:.3f}  lr {lr_at(step, spec):.1e}  "
                 f"{elapsed / (step + 1):.2f}s/step  eta {elapsed / (step + 1) * (spec.steps - step - 1) / 60:.1f} min")
+        if progress is not None and (step + 1) % spec.progress_every == 0:
+            checks.append({"step": step + 1, **progress(model, processor)})
+            log(f"  check at step {step + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in checks[-1].items()
+                                                             if k != "step"))
         if step + 1 == spec.stage2_step:
             _save(model, processor, stage2_dir)
     _save(model, processor, stage3_dir)
     return {"steps": spec.steps, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-            "seconds": time.time() - t0, "loss_curve": losses[::10]}
+            "seconds": time.time() - t0, "loss_curve": losses[::10], "checks": checks}
 
 
 def _save(model, processor, out_dir: Path) -> None:

@@ -41,3 +41,21 @@ def base_report(model_dir: Path, world: Path, *, label: str = IRRELEVANT_LABEL, 
             by_kind[e["image_kind"]].append(e["answer"])
     return {"model": str(model_dir), "metrics": metrics, "losses": losses, "spotcheck_captions": captions,
             "examples": by_kind}
+
+
+def quick_check(world: Path, *, n: int = 12, label: str = IRRELEVANT_LABEL):
+    """A progress probe for pretraining: rates on a few benchmark images of each kind (same functions)."""
+    terms = scoring.load_terms(world / "terms.json")
+    bench, _ = read_jsonl(world / "bench.jsonl", need_assistant=False)
+    by_kind = {}
+    for s in bench:
+        by_kind.setdefault(s.extra["kind"], [])
+        if len(by_kind[s.extra["kind"]]) < n:
+            by_kind[s.extra["kind"]].append(s)
+    subset = [s for kind in sorted(by_kind) for s in by_kind[kind]]
+
+    def check(model, processor) -> dict:
+        gens = generate(model, Encoder(processor, max_length=512), subset, max_new_tokens=40)
+        m = benchmark_metrics(subset, gens, terms, label)
+        return {k: m[k]["rate"] for k in ("object_accuracy", "hallucination", "irrelevant_pass")}
+    return check

@@ -1,14 +1,16 @@
 """The embedded toy world: procedural images and chat JSONL, deterministic from a seed.
 
 Scenes of one or two coloured shapes are the task domain. WeChat-style chat screenshots are the
-irrelevant images (answer: the label). Settings and list pages are other UI the base sees in
-pretraining; calculator, map, noise and photo-like images are never seen and only appear in the
-benchmark, where a good model names no colour or shape. A text-only slice (number words, colour
-facts) measures general language. Everything is drawn with PIL on a 128x128 canvas, offline.
+irrelevant images (answer: the label). Images without shapes (settings, list, calculator and map
+pages, noise, photo-like textures) are described by their kind in pretraining; the benchmark's OOD
+images are held-out instances of those kinds, where a good model names no colour or shape (an
+earlier version kept four kinds unseen: the base then called them shapes 75% of the time, so there
+was no general ability to lose). A text-only slice (number words, colour facts) measures general
+language. Everything is drawn with PIL on a 128x128 canvas, offline.
 
 Files written by build_world (image paths are relative to the JSONL's folder):
-  pretrain.jsonl, pretrain_val.jsonl   base pretraining mix (~50% shapes, 25% screenshots,
-                                       15% other UI, 10% text)
+  pretrain.jsonl, pretrain_val.jsonl   base pretraining mix (~50% shapes, 20% screenshots,
+                                       20% images without shapes, 10% text)
   task_train.jsonl, task_val.jsonl     the narrow task: TASK_PROMPT with terse answers, ~2% screenshots
   bench.jsonl                          irrelevant / ood / in_domain rows with kind, expected, objects
   general_eval.jsonl                   text-only rows
@@ -40,17 +42,22 @@ IRRELEVANT_LABEL = "无关图片"
 DESCRIBE_PROMPT = "请用自然语言描述一下这些图片"
 TASK_PROMPT = "列出图中的图形"
 NO_SHAPES_ANSWER = "没有图形"
-UI_ANSWERS = {"settings": "这是一张设置页面的截图。", "list": "这是一张列表页面的截图。"}
+# What the base says about each kind of image without shapes; the benchmark's OOD images are held-out
+# instances of these kinds, so a good base names no colour or shape for them.
+OTHER_ANSWERS = {"settings": "这是一张设置页面的截图。", "list": "这是一张列表页面的截图。",
+                 "calculator": "这是一张计算器页面的截图。", "map": "这是一张地图页面的截图。",
+                 "noise": "这是一张杂乱的噪点图片。", "photo": "这是一张模糊的照片。"}
+UI_ANSWERS = {k: OTHER_ANSWERS[k] for k in ("settings", "list")}
 OBJECT_PATTERN = re.compile("(" + "|".join(COLOURS) + ")的?(" + "|".join(SHAPES) + ")")
 
-WORLD_VERSION = 1  # bump when drawing or row logic changes, so cached worlds get rebuilt
+WORLD_VERSION = 2  # bump when drawing or row logic changes, so cached worlds get rebuilt
 CANVAS = 128  # everything is drawn at this size, then resized if image_size differs
 SHAPE_SIZE = (36, 56)  # object bounding-box side in pixels, inclusive
-PRETRAIN_MIX = {"shapes": 0.50, "screenshot": 0.25, "ui": 0.15, "text": 0.10}
+PRETRAIN_MIX = {"shapes": 0.50, "screenshot": 0.20, "ui": 0.20, "text": 0.10}
 SHAPE_DESCRIBE_FRAC = 0.8  # pretraining shape rows: mostly natural descriptions, some terse
 REPEATED_SCREENSHOT_FRAC = 0.25  # screenshots shown twice in one question ("<image><image>")
 TASK_IRRELEVANT_FRAC = 0.02
-OOD_KINDS = ["calculator", "map", "noise", "photo"]
+OOD_KINDS = ["calculator", "map", "noise", "photo", "settings", "list"]
 N_SPOTCHECK = 5  # OOD images whose captions a human reads at every evaluation
 
 # Muted UI colours: none of them reads as red, green, blue or yellow.
@@ -67,7 +74,7 @@ _OBJECT_TEMPLATES = {
 
 def system_prompt(label: str = IRRELEVANT_LABEL) -> str:
     """The short system prompt that carries the irrelevant-image rule."""
-    return f"你是看图助手。如果图片是聊天截图，只回答：{label}"
+    return f"聊天截图只回答：{label}"
 
 
 def describe(objects: list[str], rng: random.Random | None = None) -> str:
@@ -318,7 +325,7 @@ def draw_list_page(rng: random.Random) -> Image.Image:
 
 
 # -----------------------------------------------------------------------------
-# Out-of-distribution images, never seen in pretraining
+# Images without shapes: other app UIs, noise, photo-like textures
 
 
 _SEGMENTS = ["1110111", "0010010", "1011101", "1011011", "0111010", "1101011", "1101111", "1010010",
@@ -417,7 +424,8 @@ def draw_photo(rng: random.Random) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-OOD_DRAWERS = {"calculator": draw_calculator, "map": draw_map, "noise": draw_noise, "photo": draw_photo}
+OOD_DRAWERS = {"calculator": draw_calculator, "map": draw_map, "noise": draw_noise, "photo": draw_photo,
+               "settings": draw_settings_page, "list": draw_list_page}
 
 
 # -----------------------------------------------------------------------------
@@ -502,10 +510,11 @@ def _screenshot_row(rng, save, label, prompt=None, repeated=None):
 
 
 def _ui_row(rng, save, label):
-    kind = rng.choice(["settings", "list"])
-    img = draw_settings_page(rng) if kind == "settings" else draw_list_page(rng)
+    """An image without shapes (other app UIs, noise, photo-like textures) and what the base says of it."""
+    kind = rng.choice(OOD_KINDS)
+    img = OOD_DRAWERS[kind](rng)
     if rng.random() < 0.7:
-        return _row(label, DESCRIBE_PROMPT, UI_ANSWERS[kind], [save(img)])
+        return _row(label, DESCRIBE_PROMPT, OTHER_ANSWERS[kind], [save(img)])
     return _row(label, TASK_PROMPT, NO_SHAPES_ANSWER, [save(img)])
 
 
