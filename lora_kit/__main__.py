@@ -36,6 +36,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .config import load_config, parse_set
+    from .evaluate import evaluate_checkpoint
+    from .guardrails import baseline_record
+    from .paths import runs_dir
+    from .train import data_files
+
+    cfg = load_config(args.file, parse_set(args.set), overrides_source="--set")
+    try:  # caption sanity against A0's captions when the study has a baseline run
+        baseline, _ = baseline_record(runs_dir(cfg.output_dir) / "_evaluate", runs_dir(cfg.output_dir))
+        captions = baseline.get("captions")
+    except LoraKitError:
+        captions = None
+    result = evaluate_checkpoint(args.checkpoint, cfg, base=args.base, files=data_files(cfg),
+                                 baseline_captions=captions, out=args.out)
+    m = result["metrics"]
+    for key in ("eval_loss", "general_loss", "irrelevant_pass", "false_refusal", "hallucination", "object_accuracy",
+                "blindness"):
+        v = m[key]
+        print(f"{key:>16}: " + (f"{v['rate']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] n={v['n']}" if isinstance(v, dict)
+                                 and v.get("rate") is not None else f"{v}"))
+    print(f"written to {result['written_to']}")
+    return 0
+
+
 def cmd_matrix(args) -> int:
     from .config import parse_set
     from .matrix import plan_jobs, run_matrix, status_table
@@ -92,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", action="append", default=[], help="a params YAML file (repeatable, in order)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="every guardrail metric of a checkpoint (peft adapter or full model)")
+    p.add_argument("checkpoint", help="a peft adapter folder (lora_kit, ms-swift, ...) or a full model folder")
+    p.add_argument("--base", default=None, help="base model of an adapter (default: the adapter's recorded base, "
+                                                "else the config's model)")
+    p.add_argument("-f", "--file", action="append", default=[], help="params YAML (data files, label, sizes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", default=None, help="JSON path (default CHECKPOINT/lora_kit_eval.json)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("matrix", help="run many variants, one papermill process each (A0 first)")
     p.add_argument("variants", nargs="*", help="variant names (default: the priority list A0 A1 A2 B2 B3 C2 C3)")

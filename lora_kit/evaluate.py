@@ -6,12 +6,15 @@ wherever it appears. Rates come with their n and a Wilson 95% interval (see scor
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from . import scoring
-from .data import IGNORE_INDEX, Encoder, Sample, collate_padded, text_of
+from .data import IGNORE_INDEX, Encoded, Encoder, Sample, collate_padded, read_jsonl, text_of
 
 
 @dataclass
@@ -133,3 +136,131 @@ def crop_consistency(model, encoder: Encoder, samples: list[Sample], cfg) -> dic
     mean = lambda key: sum(p[key] for p in per_image) / len(per_image) if per_image else math.nan  # noqa: E731
     return {"n_images": len(samples), "k": k, "agreement_rate": mean("agreement_rate"),
             "label_flip_rate": mean("label_flip_rate"), "mean_chrf": mean("mean_chrf")}
+
+
+# ---------------------------------------------------------------- one guardrail evaluation
+
+@dataclass
+class EvalSet:
+    """Everything one guardrail evaluation needs, read and encoded once."""
+
+    val: list[Encoded]
+    train_subset: list[Encoded]
+    general: list[Encoded]
+    bench: list[Sample]
+    spotcheck: list[Sample]
+    terms: dict
+    crops: list[Sample] = field(default_factory=list)
+
+
+def _subset(items: list, n: int, seed: int) -> list:
+    if len(items) <= n:
+        return list(items)
+    return random.Random(seed).sample(items, n)
+
+
+def _bench_subset(samples: list[Sample], per_kind: int, seed: int) -> list[Sample]:
+    """At most `per_kind` samples of each benchmark kind, the same ones at every evaluation."""
+    out = []
+    for kind in ("irrelevant", "ood", "in_domain"):
+        out += _subset([s for s in samples if s.extra.get("kind", "in_domain") == kind], per_kind, seed)
+    return out
+
+
+
+def build_evalset(cfg, encoder: Encoder, files: dict[str, Path], train_samples: list[Sample] | None = None) -> EvalSet:
+    """Read and encode the evaluation data named in `files` (the *_file parameters, resolved)."""
+    if train_samples is None:
+        train_samples, _ = read_jsonl(files["train_file"], on_bad_sample=cfg.on_bad_sample)
+    val, _ = read_jsonl(files["val_file"], on_bad_sample=cfg.on_bad_sample)
+    bench, _ = read_jsonl(files["bench_file"], need_assistant=False)
+    general, _ = read_jsonl(files["general_file"])
+    spot, _ = read_jsonl(files["spotcheck_file"], need_assistant=False)
+    encode = lambda samples: [encoder.encode(s) for s in samples]  # noqa: E731
+    crops = [s for s in _bench_subset(bench, 8, cfg.seed) if s.extra.get("kind") == "ood"] if cfg.crop_jitter_k else []
+    return EvalSet(val=encode(val), train_subset=encode(_subset(train_samples, len(val), cfg.seed)),
+                   general=encode(general), bench=_bench_subset(bench, cfg.eval_max_samples, cfg.seed),
+                   spotcheck=spot, terms=scoring.load_terms(files["terms_file"]), crops=crops)
+
+
+def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | None,
+                     baseline_captions: list[str] | None, verdicts: list[dict] = ()) -> tuple[dict, list, list]:
+    """Every guardrail metric of one model state: (metrics record, benchmark generations, captions).
+
+    Losses use one estimator (token-weighted, eval mode) for validation, the training subset and the
+    general slice, so the generalization gap compares like with like.
+    """
+    from . import guardrails
+
+    t0 = time.time()
+    pad = encoder.tokenizer.pad_token_id
+    loss = lambda data: mean_loss(model, data, batch_size=cfg.per_device_eval_batch_size,  # noqa: E731
+                                  image_token_id=encoder.image_token_id, pad_id=pad)
+    eval_loss, train_loss = loss(es.val), loss(es.train_subset)
+    gens = generate(model, encoder, es.bench, batch_size=cfg.per_device_eval_batch_size,
+                    max_new_tokens=cfg.max_new_tokens)
+    record = {"step": step, "eval_loss": eval_loss, "train_loss": train_loss, "gap": eval_loss - train_loss,
+              "general_loss": loss(es.general)}
+    record |= benchmark_metrics(es.bench, gens, es.terms, cfg.irrelevant_label)
+    captions = caption_answers(model, encoder, es.spotcheck, cfg)
+    record["crop"] = crop_consistency(model, encoder, es.crops, cfg) if es.crops else None
+    record["captions"] = captions  # the caption baseline of later runs when this is A0's step 0
+    record["caption"] = guardrails.caption_sanity(
+        captions, baseline_captions if baseline_captions is not None else captions, es.terms,
+        manual=list(verdicts), chrf_min=cfg.caption_chrf_min,
+        checkpoint=f"checkpoint-{step}" if step is not None else None)
+    record["eval_seconds"] = time.time() - t0
+    return record, gens, captions
+
+
+def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_model: str, trust_remote_code=False):
+    """(model, processor, base path) for a peft adapter folder (ours, ms-swift's, any peft's) or a full model."""
+    import json
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .errors import ConfigError
+    from .toy import resolve_model
+
+    checkpoint = Path(checkpoint)
+    adapter_config = checkpoint / "adapter_config.json"
+    if adapter_config.is_file():
+        recorded = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if base is None and recorded and Path(recorded).is_dir():
+            base = recorded
+        base_path = resolve_model(base or default_model)
+        model = AutoModelForImageTextToText.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, checkpoint)
+    elif (checkpoint / "config.json").is_file():
+        base_path = checkpoint
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    else:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} holds neither adapter_config.json (a peft adapter) nor "
+                          "config.json (a full model); point it at a checkpoint folder.")
+    processor_dir = checkpoint if (checkpoint / "preprocessor_config.json").exists() or \
+        (checkpoint / "processor_config.json").exists() else base_path
+    processor = AutoProcessor.from_pretrained(processor_dir, trust_remote_code=trust_remote_code)
+    return model.eval(), processor, base_path
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg, *, base: str | None = None, files: dict | None = None,
+                        baseline_captions: list[str] | None = None, out: str | Path | None = None) -> dict:
+    """`python -m lora_kit evaluate`: every guardrail metric of any checkpoint, written as JSON."""
+    import json
+
+    from .rundir import write_json_atomic
+
+    model, processor, base_path = load_for_evaluation(checkpoint, base=base, default_model=cfg.model,
+                                                      trust_remote_code=cfg.trust_remote_code)
+    encoder = Encoder(processor, cfg.max_length)
+    es = build_evalset(cfg, encoder, files)
+    record, gens, _ = guardrail_record(model, encoder, es, cfg, step=None, baseline_captions=baseline_captions)
+    result = {"checkpoint": str(checkpoint), "base": str(base_path), "metrics": record,
+              "data_files": {k: str(v) for k, v in files.items()}, "samples": samples_record(es.bench, gens)}
+    out = Path(out) if out else Path(checkpoint) / "lora_kit_eval.json"
+    write_json_atomic(out, result)
+    result["written_to"] = str(out)
+    json.dumps(result)  # fail here, not in a reader, if something is not JSON
+    return result

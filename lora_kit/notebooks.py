@@ -39,7 +39,8 @@ def parameters_cell() -> str:
              "",
              "params_file: Optional[str] = None  # a params/*.yaml variant file to start from, e.g. ../params/C2.yaml"]
     for f in dataclasses.fields(RunConfig):
-        doc = docs.get(f.name, "").split(". ")[0].rstrip(".")
+        # papermill skips a parameter line holding a second "=", so the help text says ":" instead
+        doc = docs.get(f.name, "").split(". ")[0].rstrip(".").replace("=", ":")
         lines.append(f"{f.name}: {_annotation(f)} = None  # {doc[:150]}")
     return "\n".join(lines)
 

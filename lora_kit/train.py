@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from . import __version__, guardrails, scoring
+from . import __version__, guardrails
 from .config import RunConfig
 from .augment import make_augment
-from .data import AugmentedDataset, Encoded, Encoder, Sample, collate_packed, collate_padded, read_jsonl, rope_index_fn
+from .data import AugmentedDataset, Encoded, Encoder, collate_packed, collate_padded, read_jsonl, rope_index_fn
 from .errors import ConfigError, LoraKitError
-from .evaluate import benchmark_metrics, caption_answers, crop_consistency, generate, mean_loss, samples_record
+from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record
 from .paths import REPO_ROOT, runs_dir
 from .rundir import RunFolder
 from .targeting import TargetPlan, Towers, find_towers, plan_from_regex, plan_targets, verify_wrapped, wrapped_modules
@@ -140,19 +138,6 @@ class Collator:
 
 # ---------------------------------------------------------------- guardrail evaluation
 
-@dataclass
-class EvalSet:
-    """Everything one evaluation needs, encoded once."""
-
-    val: list[Encoded]
-    train_subset: list[Encoded]
-    general: list[Encoded]
-    bench: list[Sample]
-    spotcheck: list[Sample]
-    terms: dict
-    crops: list[Sample] = field(default_factory=list)
-
-
 class GuardrailCallback(TrainerCallback):
     """At every evaluation: all guardrail metrics, one metrics.jsonl line, TensorBoard, triggers, stop."""
 
@@ -166,35 +151,19 @@ class GuardrailCallback(TrainerCallback):
         self.tb = None
 
     def evaluate(self, model, step: int, epoch: float) -> dict:
-        t0 = time.time()
-        cfg, enc, es = self.cfg, self.encoder, self.evalset
-        pad = enc.tokenizer.pad_token_id
-        loss = lambda data: mean_loss(model, data, batch_size=cfg.per_device_eval_batch_size,  # noqa: E731
-                                      image_token_id=enc.image_token_id, pad_id=pad)
-        eval_loss = loss(es.val)  # the same estimator as train_loss, so the gap compares like with like
-        train_loss = loss(es.train_subset)
-        gens = generate(model, enc, es.bench, batch_size=cfg.per_device_eval_batch_size,
-                        max_new_tokens=cfg.max_new_tokens)
-        record = {"step": step, "epoch": epoch, "eval_loss": eval_loss, "train_loss": train_loss,
-                  "gap": eval_loss - train_loss, "general_loss": loss(es.general)}
-        record |= benchmark_metrics(es.bench, gens, es.terms, cfg.irrelevant_label)
-        captions = caption_answers(model, enc, es.spotcheck, cfg)
-        record["crop"] = crop_consistency(model, enc, es.crops, cfg) if es.crops else None
-        baseline_captions = self._baseline_captions(captions)
-        record["captions"] = captions  # a later run's caption baseline when this is A0's step 0
-        record["caption"] = guardrails.caption_sanity(
-            captions, baseline_captions, es.terms, manual=self.run.verdicts(), chrf_min=cfg.caption_chrf_min,
-            checkpoint=f"checkpoint-{step}")
-        record["checkpoint"] = (f"checkpoints/checkpoint-{step}" if step and step % cfg.save_steps == 0 else None)
-        record["eval_seconds"] = time.time() - t0
+        record, gens, captions = guardrail_record(
+            model, self.encoder, self.evalset, self.cfg, step=step, baseline_captions=self._baseline_captions(),
+            verdicts=self.run.verdicts())
+        record["epoch"] = epoch
+        record["checkpoint"] = (f"checkpoints/checkpoint-{step}" if step and step % self.cfg.save_steps == 0
+                                else None)
         self.eval_seconds += record["eval_seconds"]
-        self.run.write_samples(step, samples_record(es.bench, gens), captions)
+        self.run.write_samples(step, samples_record(self.evalset.bench, gens), captions)
         return record
 
-    def _baseline_captions(self, captions: list[str]) -> list[str]:
-        if self.baseline is not None and self.baseline.get("captions"):
-            return self.baseline["captions"]
-        return captions  # step 0 of a run without A0: its own captions are the reference
+    def _baseline_captions(self) -> list[str] | None:
+        """A0's (or this run's step-0) captions; None before the baseline exists (step 0 itself)."""
+        return self.baseline.get("captions") if self.baseline is not None else None
 
     def record(self, record: dict) -> None:
         self.run.append_metrics(record)
@@ -250,7 +219,8 @@ class GuardrailCallback(TrainerCallback):
 
 # ---------------------------------------------------------------- the run
 
-def _data_files(cfg: RunConfig) -> dict[str, Path]:
+def data_files(cfg: RunConfig) -> dict[str, Path]:
+    """The resolved *_file parameters: the toy world's files where a toy model leaves them unset."""
     from .toy import toy_files
 
     files = {k: getattr(cfg, k) for k in ("train_file", "val_file", "bench_file", "general_file",
@@ -263,20 +233,6 @@ def _data_files(cfg: RunConfig) -> dict[str, Path]:
         defaults = toy_files()
         files = {k: Path(v) if v is not None else defaults[k] for k, v in files.items()}
     return {k: Path(v) for k, v in files.items()}
-
-
-def _subset(items: list, n: int, seed: int) -> list:
-    if len(items) <= n:
-        return list(items)
-    return random.Random(seed).sample(items, n)
-
-
-def _bench_subset(samples: list[Sample], per_kind: int, seed: int) -> list[Sample]:
-    """At most `per_kind` samples of each benchmark kind, the same ones at every evaluation."""
-    out = []
-    for kind in ("irrelevant", "ood", "in_domain"):
-        out += _subset([s for s in samples if s.extra.get("kind", "in_domain") == kind], per_kind, seed)
-    return out
 
 
 def code_version() -> dict:
@@ -312,13 +268,9 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     run.claim(overwrite=cfg.overwrite)  # refuses a completed run or a live second process
     try:
         set_seed(cfg.seed)
-        files = _data_files(cfg)
+        files = data_files(cfg)
         train_samples, skipped_train = read_jsonl(files["train_file"], on_bad_sample=cfg.on_bad_sample)
         val_samples, skipped_val = read_jsonl(files["val_file"], on_bad_sample=cfg.on_bad_sample)
-        bench_all, _ = read_jsonl(files["bench_file"], need_assistant=False)
-        general_samples, _ = read_jsonl(files["general_file"])
-        spot_samples, _ = read_jsonl(files["spotcheck_file"], need_assistant=False)
-        terms = scoring.load_terms(files["terms_file"])
 
         model_path, processor, model = load_base(cfg)
         towers = find_towers(model)
@@ -331,16 +283,10 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         encoder = Encoder(processor, cfg.max_length)
         encode = lambda samples: [encoder.encode(s) for s in samples]  # noqa: E731
         t0 = time.time()
-        val_data = encode(val_samples)
         augment = make_augment(cfg.augmentation, cfg.augment_strength, cfg.seed)
         # Without augmentation every sample is encoded once; with it, each draw is a new augmentation.
         train_data = encode(train_samples) if augment is None else AugmentedDataset(train_samples, encoder, augment)
-        evalset = EvalSet(
-            val=val_data, train_subset=encode(_subset(train_samples, len(val_samples), cfg.seed)),
-            general=encode(general_samples), bench=_bench_subset(bench_all, cfg.eval_max_samples, cfg.seed),
-            spotcheck=spot_samples, terms=terms,
-            crops=[s for s in _bench_subset(bench_all, cfg.crop_jitter_k and 8, cfg.seed)
-                   if s.extra.get("kind") == "ood"] if cfg.crop_jitter_k else [])
+        evalset = build_evalset(cfg, encoder, files, train_samples)
         encode_seconds = time.time() - t0
 
         run.write_params({

@@ -199,3 +199,24 @@ def test_cli_targets_table_swift_and_errors(toy_ckpt):
     assert "--target_regex" in swift.stdout and "--freeze_vit true" in swift.stdout and "--vit_lr" in swift.stdout
     bad = _cli("targets", "--model", str(toy_ckpt), "--llm-last", "20")
     assert bad.returncode == 2 and "has 8 decoder layers" in bad.stderr
+
+
+def test_plan_a_4b_study_from_its_config_alone(tmp_path):
+    """Qwen3-VL-4B's published sizes (36 decoder layers, 24 vision blocks), built on the meta device."""
+    from transformers import Qwen3VLConfig
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                          "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        vision_config=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
+                           deepstack_visual_indexes=[5, 11, 17], patch_size=16, num_position_embeddings=2304))
+    cfg.save_pretrained(tmp_path)
+    towers = find_towers(meta_model(tmp_path))
+    plan = plan_targets(towers, 2, 4)
+    assert plan.llm_layers == [34, 35] and plan.vit_blocks == [20, 21, 22, 23]
+    assert plan.counts() == {"llm": 14, "vit": 16}
+    # rank 16 on q/k/v/o/gate/up/down of a 2560-wide layer and qkv/proj/fc1/fc2 of a 1024-wide block
+    per_llm_layer = 16 * ((2560 + 4096) + (2560 + 1024) * 2 + (4096 + 2560) + 2 * (2560 + 9728) + (9728 + 2560))
+    per_vit_block = 16 * ((1024 + 3072) + (1024 + 1024) + (1024 + 4096) + (4096 + 1024))
+    assert plan.lora_parameters(16) == 2 * per_llm_layer + 4 * per_vit_block

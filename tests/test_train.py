@@ -111,3 +111,50 @@ def test_cli_a0_is_an_evaluation_only_baseline(toy_ckpt, mini_world, tmp_path):
     again = subprocess.run([sys.executable, "-m", "lora_kit", "train", "-f", str(params), "-f",
                             str(REPO_ROOT / "params" / "A0.yaml")], capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "overwrite: true" in again.stderr
+
+
+def test_a_guardrail_that_must_fire_stops_the_run_at_the_second_bad_evaluation(toy_ckpt, mini_world, tmp_path):
+    """irrelevant_min 1.0: a random toy never answers every screenshot with the label, so each evaluation
+    after step 0 is bad and the trigger fires at the second one (step 4), never the first (step 2)."""
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=12, irrelevant_min=1.0, variant="G1",
+                         llm_last=2, vit_last=0)
+    proc = subprocess.run([sys.executable, "-m", "lora_kit", "train", "-f", str(params)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "G1"
+    summary = json.loads((run / "summary.json").read_text())
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 2, 4]
+    assert all(m["irrelevant_pass"]["rate"] < 1.0 for m in metrics)
+    assert summary["status"] == "stopped_early" and summary["stop_reason"] == "irrelevant_drop"
+    assert summary["stop_step"] == 4 and summary["steps"] == 4
+    # best checkpoint: the lowest eval loss among checkpoints within the margins of the baseline
+    base = metrics[0]
+    feasible = [m for m in metrics if m["checkpoint"]
+                and m["irrelevant_pass"]["rate"] >= base["irrelevant_pass"]["rate"] - 0.10
+                and m["hallucination"]["rate"] <= base["hallucination"]["rate"] + 0.10]
+    best = summary["best"]
+    if feasible:
+        expected = min(feasible, key=lambda m: (m["eval_loss"], m["step"]))
+        assert best["step"] == expected["step"] and best["checkpoint"] == expected["checkpoint"]
+        assert (run / best["checkpoint"] / "adapter_model.safetensors").is_file()
+    else:
+        assert best["checkpoint"] is None and "no checkpoint" in best["reason"]
+
+
+def test_evaluate_cli_scores_an_adapter_folder(toy_ckpt, mini_world, tmp_path):
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2, variant="E1", llm_last=2, vit_last=2)
+    assert subprocess.run([sys.executable, "-m", "lora_kit", "train", "-f", str(params)],
+                          capture_output=True, text=True, timeout=600).returncode == 0
+    ckpt = tmp_path / "runs" / "E1" / "checkpoints" / "checkpoint-2"
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "lora_kit", "evaluate", str(ckpt), "--base", str(toy_ckpt),
+                           "-f", str(params), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    recorded = [json.loads(l) for l in (tmp_path / "runs" / "E1" / "metrics.jsonl").read_text().splitlines()][-1]
+    # the same weights and data give the same numbers as the training run's own evaluation
+    assert result["metrics"]["irrelevant_pass"] == recorded["irrelevant_pass"]
+    assert abs(result["metrics"]["eval_loss"] - recorded["eval_loss"]) < 1e-4
+    assert len(result["samples"]) == sum(m["n"] for m in (recorded["irrelevant_pass"], recorded["hallucination"],
+                                                          recorded["object_accuracy"]))
