@@ -61,6 +61,7 @@ def attach_lora(model, plan: TargetPlan, towers: Towers, cfg: RunConfig):
         model = adapter.merge_and_unload()  # different targets: fold stage 3 into the base, start a new LoRA
         how = "merged init_adapter, new LoRA"
     if not plan.modules and not modules_to_save:
+        model.requires_grad_(False)  # A0: nothing trains
         return model, "none"
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                         target_modules=plan.regex or [], modules_to_save=modules_to_save)

@@ -111,7 +111,7 @@ def build_toy(*, build: ToyBuild = DEFAULT, progress: bool = True) -> dict:
     tmp = report_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     tmp.replace(report_path)  # the report's presence marks a complete build
-    return report
+    return json.loads(report_path.read_text())  # as JSON, like every later (cached) call returns it
 
 
 def toy_files(build: ToyBuild = DEFAULT) -> dict[str, Path]:
