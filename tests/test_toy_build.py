@@ -56,9 +56,14 @@ def test_the_base_report_scores_with_the_guardrails_functions():
     assert train.guardrail_record is evaluate.guardrail_record
 
 
-def test_key_changes_with_any_setting():
+def test_key_changes_with_any_setting_and_the_code_versions(monkeypatch):
+    import lora_kit.toy as toy
+
     other = ToyBuild(world=MINI.world, model=MINI.model, pretrain=PretrainSpec(steps=5, stage2_step=2))
     assert MINI.key() != other.key() and MINI.key() == ToyBuild(MINI.world, MINI.model, MINI.pretrain).key()
+    before = MINI.key()
+    monkeypatch.setattr(toy, "WORLD_VERSION", toy.WORLD_VERSION + 1)
+    assert MINI.key() != before
 
 
 def test_learning_rate_schedule():

@@ -76,18 +76,21 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(tiny, tmp_path):
     assert a["images/pretrain_00000.png"] != b["images/pretrain_00000.png"]
 
 
-def test_task_split_is_terse_only(tiny):
+def test_task_split_is_structured_only_and_new_to_the_base(tiny):
     terse = {c + s for c in W.COLOURS for s in W.SHAPES}
+    pretrain_prompts = {r["messages"][1]["content"].replace("<image>", "") for r in read_jsonl(tiny["pretrain"])}
+    assert W.STRUCTURED_PROMPT not in pretrain_prompts
     for name in ["task_train", "task_val"]:
         rows = read_jsonl(tiny[name])
         irrelevant = 0
         for row in rows:
             user, answer = row["messages"][1]["content"], row["messages"][2]["content"]
-            assert W.DESCRIBE_PROMPT not in user and user.endswith(W.TASK_PROMPT)
+            assert W.DESCRIBE_PROMPT not in user and user.endswith(W.STRUCTURED_PROMPT)
             if answer == TINY.label:
                 irrelevant += 1
             else:
-                assert set(answer.split("；")) <= terse
+                assert answer.startswith("图形：")
+                assert set(answer.removeprefix("图形：").split("，")) <= terse
         assert irrelevant <= max(1, 0.03 * len(rows))
 
 

@@ -34,7 +34,8 @@ class ToyBuild:
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
 
     def key(self) -> str:
-        blob = json.dumps({"toy": TOY_VERSION, "world": WORLD_VERSION, **asdict(self)}, sort_keys=True)
+        blob = json.dumps({"toy_version": TOY_VERSION, "world_version": WORLD_VERSION, **asdict(self)},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def root(self) -> Path:

@@ -11,7 +11,7 @@ language. Everything is drawn with PIL on a 128x128 canvas, offline.
 Files written by build_world (image paths are relative to the JSONL's folder):
   pretrain.jsonl, pretrain_val.jsonl   base pretraining mix (~50% shapes, 20% screenshots,
                                        20% images without shapes, 10% text)
-  task_train.jsonl, task_val.jsonl     the narrow task: TASK_PROMPT with terse answers, ~2% screenshots
+  task_train.jsonl, task_val.jsonl     the narrow task: STRUCTURED_PROMPT, structured answers, ~2% screenshots
   bench.jsonl                          irrelevant / ood / in_domain rows with kind, expected, objects
   general_eval.jsonl                   text-only rows
   spotcheck.jsonl                      5 fixed OOD images for a human to read the captions of
@@ -40,7 +40,10 @@ COLOURS = {"红色": (220, 40, 40), "绿色": (40, 170, 60), "蓝色": (40, 80, 
 SHAPES = ["圆形", "三角形"]  # two kinds only: circle vs square is too hard for a CPU-pretrained toy
 IRRELEVANT_LABEL = "无关图片"
 DESCRIBE_PROMPT = "请用自然语言描述一下这些图片"
-TASK_PROMPT = "列出图中的图形"
+TASK_PROMPT = "列出图中的图形"  # the terse style the base learns in pretraining
+# The stage-4 task: a prompt and answer format the base never saw, so task fit has room to improve with LoRA
+# (with the terse style alone the base already sat at its best task loss and LoRA could only drift).
+STRUCTURED_PROMPT = "按格式列出图中的图形"
 NO_SHAPES_ANSWER = "没有图形"
 # What the base says about each kind of image without shapes; the benchmark's OOD images are held-out
 # instances of these kinds, so a good base names no colour or shape for them.
@@ -50,7 +53,7 @@ OTHER_ANSWERS = {"settings": "这是一张设置页面的截图。", "list": "�
 UI_ANSWERS = {k: OTHER_ANSWERS[k] for k in ("settings", "list")}
 OBJECT_PATTERN = re.compile("(" + "|".join(COLOURS) + ")的?(" + "|".join(SHAPES) + ")")
 
-WORLD_VERSION = 2  # bump when drawing or row logic changes, so cached worlds get rebuilt
+WORLD_VERSION = 3  # bump when drawing or row logic changes, so cached worlds get rebuilt
 CANVAS = 128  # everything is drawn at this size, then resized if image_size differs
 SHAPE_SIZE = (36, 56)  # object bounding-box side in pixels, inclusive
 PRETRAIN_MIX = {"shapes": 0.50, "screenshot": 0.20, "ui": 0.20, "text": 0.10}
@@ -83,6 +86,16 @@ def describe(objects: list[str], rng: random.Random | None = None) -> str:
     templates = _OBJECT_TEMPLATES[len(objects)]
     template = templates[0] if rng is None else rng.choice(templates)
     return template.format(*natural)
+
+
+def structured_answer(objects: list[str]) -> str:
+    """Stage-4 answer, e.g. 图形：红色圆形，蓝色三角形 (objects in task_answer's order).
+
+    Written with characters the base already knows: a format with new tokens (JSON braces, new words)
+    left their embeddings untrained, and LoRA on a few layers could not learn to emit them (measured:
+    task eval loss still 4.3 nats/token after 150 steps), so no variant could fit the task.
+    """
+    return "图形：" + "，".join(task_answer(objects).split("；"))
 
 
 def task_answer(objects: list[str]) -> str:
@@ -546,12 +559,18 @@ def _pretrain_rows(rng, save, n, label):
 
 
 def _task_rows(rng, save, n, label):
-    """The narrow stage-4 task: terse shape lists, plus a few screenshots; no natural descriptions."""
+    """The narrow stage-4 task: structured shape lists, plus a few screenshots; no natural descriptions."""
     n_irrelevant = round(TASK_IRRELEVANT_FRAC * n)
     order = ["screenshot"] * n_irrelevant + ["shapes"] * (n - n_irrelevant)
     rng.shuffle(order)
-    return [_screenshot_row(rng, save, label, TASK_PROMPT, repeated=False) if kind == "screenshot"
-            else _shape_row(rng, save, label, describe_frac=0.0) for kind in order]
+    rows = []
+    for kind in order:
+        if kind == "screenshot":
+            rows.append(_screenshot_row(rng, save, label, STRUCTURED_PROMPT, repeated=False))
+        else:
+            img, objects = sample_scene(rng)
+            rows.append(_row(label, STRUCTURED_PROMPT, structured_answer(objects), [save(img)]))
+    return rows
 
 
 def _ood_row(rng, save, label, ood_kind):
