@@ -233,17 +233,21 @@ def test_override_beats_file_beats_profile_beats_defaults(tmp_path):
     variant = write(tmp_path, "learning_rate: 2.0e-4\nvit_lr: 5e-4\n", "variant.yaml")
     later = write(tmp_path, "vit_lr: 6.0e-4\n", "later.yaml")
     assert load_config([], {"profile": "none"}).learning_rate == 1e-4  # defaults.yaml
-    assert load_config([]).learning_rate == 1e-3  # toy profile
+    assert load_config([]).learning_rate == TOY["learning_rate"]  # toy profile
     assert load_config([variant]).learning_rate == 2e-4  # variant file
     assert load_config([variant], {"learning_rate": 3e-4}).learning_rate == 3e-4  # override
     assert load_config([variant, later]).vit_lr == 6e-4  # later file beats earlier
-    assert load_config([variant]).max_steps == 150  # untouched keys keep the profile's value
+    assert load_config([variant]).max_steps == TOY["max_steps"]  # untouched keys keep the profile's value
+
+
+TOY = yaml.safe_load((PARAMS_DIR / "profiles" / "toy.yaml").read_text("utf-8"))
+assert TOY["learning_rate"] != RunConfig.learning_rate and TOY["max_steps"] != RunConfig.max_steps
 
 
 def test_profile_is_chosen_by_files_and_overrides(tmp_path):
     no_profile = write(tmp_path, "profile: none\n")
     assert load_config([no_profile]).max_steps == -1
-    assert load_config([no_profile], {"profile": "toy"}).max_steps == 150
+    assert load_config([no_profile], {"profile": "toy"}).max_steps == TOY["max_steps"]
     assert load_config([], {"profile": "none"}).profile == "none"
 
 
