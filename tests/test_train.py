@@ -158,3 +158,48 @@ def test_evaluate_cli_scores_an_adapter_folder(toy_ckpt, mini_world, tmp_path):
     assert abs(result["metrics"]["eval_loss"] - recorded["eval_loss"]) < 1e-4
     assert len(result["samples"]) == sum(m["n"] for m in (recorded["irrelevant_pass"], recorded["hallucination"],
                                                           recorded["object_accuracy"]))
+
+
+def _train(params, *extra):
+    return subprocess.run([sys.executable, "-m", "lora_kit", "train", "-f", str(params), *extra],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_init_adapter_is_continued_when_targets_match_and_merged_otherwise(toy_ckpt, mini_world, tmp_path):
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2, variant="S3", llm_last=2, vit_last=2)
+    assert _train(params).returncode == 0
+    stage3 = tmp_path / "runs" / "S3" / "checkpoints" / "checkpoint-2"
+    same = _train(params, "--set", "variant=S4", "--set", f"init_adapter={stage3}")
+    assert same.returncode == 0, same.stderr[-2000:]
+    other = _train(params, "--set", "variant=S5", "--set", "llm_last=0", "--set", f"init_adapter={stage3}")
+    assert other.returncode == 0, other.stderr[-2000:]
+    how = {v: json.loads((tmp_path / "runs" / v / "params.json").read_text())["targets"]["adapter"]
+           for v in ("S4", "S5")}
+    assert how == {"S4": "continued", "S5": "merged init_adapter, new LoRA"}
+    # continuing starts from the stage-3 adapter's weights: step 0 equals S3's last evaluation
+    s3_last = [json.loads(l) for l in (tmp_path / "runs" / "S3" / "metrics.jsonl").read_text().splitlines()][-1]
+    s4_first = json.loads((tmp_path / "runs" / "S4" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(s4_first["eval_loss"] - s3_last["eval_loss"]) < 1e-5
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(toy_ckpt, mini_world, tmp_path):
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=4, variant="R1", llm_last=2, vit_last=0)
+    assert _train(params).returncode == 0
+    run = tmp_path / "runs" / "R1"
+    finished = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    # make it look killed after step 2's checkpoint: no step-4 checkpoint, a 'running' status whose
+    # process is gone, and a half-written metrics line
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "running", "pid": 999999}))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "eval_lo')
+    again = _train(params)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from checkpoint-2" in again.stdout
+    resumed = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == [m["step"] for m in finished] == [0, 2, 4]
+    assert json.loads((run / "summary.json").read_text())["status"] in ("completed", "stopped_early")
+    # the same seed and data order: the resumed run ends where the uninterrupted one did
+    assert abs(resumed[-1]["eval_loss"] - finished[-1]["eval_loss"]) < 1e-3
