@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 KERNEL  := lora_kit
 
-.PHONY: install test demo bench clean-outputs
+.PHONY: install test demo clean-outputs
 
 # Installs only when pyproject.toml changed since the last install, so it is quick when done.
 install: $(STAMP)
@@ -22,9 +22,6 @@ test: install
 
 demo: install
 	$(BIN)/python -m lora_kit demo
-
-bench: install
-	$(BIN)/python -m lora_kit bench
 
 clean-outputs:
 	rm -rf outputs/toy outputs/runs outputs/summary
