@@ -264,7 +264,15 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     """Run one variant: plan, LoRA, training with guardrail evaluation, summary. Returns the run folder."""
     from transformers import set_seed
 
+    from .targeting import meta_model
+    from .toy import resolve_model
+
     t_start = time.time()
+    # Plan on the meta device first: bad layer counts and regexes are refused before any weight is read
+    # and before a run folder exists.
+    meta_towers = find_towers(meta_model(resolve_model(cfg.model), cfg.trust_remote_code))
+    (plan_from_regex(meta_towers, cfg.target_regex) if cfg.target_regex
+     else plan_targets(meta_towers, cfg.llm_last, cfg.vit_last))
     run = RunFolder(runs_dir(cfg.output_dir) / cfg.variant_name)
     run.claim(overwrite=cfg.overwrite)  # refuses a completed run or a live second process
     try:
