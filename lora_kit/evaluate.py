@@ -248,8 +248,6 @@ def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_mod
 def evaluate_checkpoint(checkpoint: str | Path, cfg, *, base: str | None = None, files: dict | None = None,
                         baseline_captions: list[str] | None = None, out: str | Path | None = None) -> dict:
     """`python -m lora_kit evaluate`: every guardrail metric of any checkpoint, written as JSON."""
-    import json
-
     from .rundir import write_json_atomic
 
     model, processor, base_path = load_for_evaluation(checkpoint, base=base, default_model=cfg.model,
@@ -262,5 +260,4 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg, *, base: str | None = None,
     out = Path(out) if out else Path(checkpoint) / "lora_kit_eval.json"
     write_json_atomic(out, result)
     result["written_to"] = str(out)
-    json.dumps(result)  # fail here, not in a reader, if something is not JSON
     return result

@@ -20,7 +20,7 @@ import pandas as pd
 from .errors import LoraKitError
 from .paths import outputs_dir, runs_dir
 from .rundir import RunFolder, read_jsonl_records
-from .views import _in_notebook, metrics_frame
+from .views import flatten_record, in_notebook, metrics_frame
 
 RATES = ("irrelevant_pass", "false_refusal", "hallucination", "hallucination_in_domain", "object_accuracy",
          "object_recall", "blindness", "ood_label_rate")
@@ -101,20 +101,6 @@ def _run_row(folder: Path) -> dict:
     }
     metrics = {k: v for k, v in flatten_record(record).items() if k not in _NOT_METRICS}
     return row | metrics
-
-
-def flatten_record(record: dict) -> dict:
-    """One metrics.jsonl record as flat columns (views.metrics_frame's naming): a rate gives <m>, <m>_n, <m>_lo,
-    <m>_hi; another dict gives <key>_<field> for its scalar fields; None dicts and lists are left out."""
-    flat = {}
-    for k, v in record.items():
-        if isinstance(v, dict) and "rate" in v:
-            flat |= {k: v.get("rate"), f"{k}_n": v.get("n"), f"{k}_lo": v.get("lo"), f"{k}_hi": v.get("hi")}
-        elif isinstance(v, dict):
-            flat |= {f"{k}_{kk}": vv for kk, vv in v.items() if vv is None or isinstance(vv, (bool, int, float, str))}
-        elif v is None or isinstance(v, (bool, int, float, str)):
-            flat[k] = v
-    return flat
 
 
 def _read_json(path: Path) -> dict | None:
@@ -580,7 +566,7 @@ def write_summary(runs_root=None, out_dir=None) -> dict[str, Path]:
     """The table (study.csv), the figures (PNG) and verdicts.json under out_dir (default outputs/summary)."""
     import matplotlib
 
-    if not _in_notebook():
+    if not in_notebook():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -270,9 +270,10 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     t_start = time.time()
     # Plan on the meta device first: bad layer counts and regexes are refused before any weight is read
     # and before a run folder exists.
-    meta_towers = find_towers(meta_model(resolve_model(cfg.model), cfg.trust_remote_code))
-    (plan_from_regex(meta_towers, cfg.target_regex) if cfg.target_regex
-     else plan_targets(meta_towers, cfg.llm_last, cfg.vit_last))
+    # The plan holds only names and shapes, so the meta model's towers serve the loaded model too.
+    towers = find_towers(meta_model(resolve_model(cfg.model), cfg.trust_remote_code))
+    plan = (plan_from_regex(towers, cfg.target_regex) if cfg.target_regex
+            else plan_targets(towers, cfg.llm_last, cfg.vit_last))
     run = RunFolder(runs_dir(cfg.output_dir) / cfg.variant_name)
     run.claim(overwrite=cfg.overwrite)  # refuses a completed run or a live second process
     try:
@@ -282,9 +283,6 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         val_samples, skipped_val = read_jsonl(files["val_file"], on_bad_sample=cfg.on_bad_sample)
 
         model_path, processor, model = load_base(cfg)
-        towers = find_towers(model)
-        plan = (plan_from_regex(towers, cfg.target_regex) if cfg.target_regex
-                else plan_targets(towers, cfg.llm_last, cfg.vit_last))
         model, adapter_how = attach_lora(model, plan, towers, cfg)
         groups = optimizer_groups(model, towers, cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

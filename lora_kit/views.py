@@ -39,27 +39,30 @@ def show_plan(cfg) -> pd.DataFrame:
     return table
 
 
+def flatten_record(record: dict) -> dict:
+    """One metrics.jsonl record as flat columns: a rate gives <m>, <m>_n, <m>_lo, <m>_hi; another dict gives
+    <key>_<field> for its scalar fields; lists (captions) are left out."""
+    flat = {}
+    for k, v in record.items():
+        if isinstance(v, dict) and "rate" in v:
+            flat |= {k: v.get("rate"), f"{k}_n": v.get("n"), f"{k}_lo": v.get("lo"), f"{k}_hi": v.get("hi")}
+        elif isinstance(v, dict):
+            flat |= {f"{k}_{kk}": vv for kk, vv in v.items() if vv is None or isinstance(vv, (bool, int, float, str))}
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            flat[k] = v
+    return flat
+
+
 def metrics_frame(run_dir: str | Path) -> pd.DataFrame:
-    """metrics.jsonl as a flat table: rates become <metric> (and <metric>_lo/_hi, _n) columns."""
-    rows = []
-    for r in read_jsonl_records(Path(run_dir) / "metrics.jsonl"):
-        flat = {}
-        for k, v in r.items():
-            if isinstance(v, dict) and "rate" in v:
-                flat[k], flat[f"{k}_lo"], flat[f"{k}_hi"], flat[f"{k}_n"] = v["rate"], v["lo"], v["hi"], v["n"]
-            elif isinstance(v, dict):
-                flat |= {f"{k}_{kk}": vv for kk, vv in v.items() if not isinstance(vv, (dict, list))}
-            else:
-                flat[k] = v
-        rows.append(flat)
-    return pd.DataFrame(rows)
+    """metrics.jsonl as a flat table (see flatten_record)."""
+    return pd.DataFrame([flatten_record(r) for r in read_jsonl_records(Path(run_dir) / "metrics.jsonl")])
 
 
 def plot_run(run_dir: str | Path):
     """Loss curves and guardrail trajectories against their thresholds; saved as run_dir/curves.png."""
     import matplotlib
 
-    matplotlib.use("Agg") if not _in_notebook() else None
+    matplotlib.use("Agg") if not in_notebook() else None
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
@@ -124,7 +127,7 @@ def show_run(run_dir: str | Path) -> pd.DataFrame:
     return df[cols]
 
 
-def _in_notebook() -> bool:
+def in_notebook() -> bool:
     try:
         from IPython import get_ipython
 
