@@ -122,11 +122,14 @@ def _at_steps(values: Sequence[float], records: Sequence[Mapping], fmt: Callable
 # Triggers
 
 
-def check_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any) -> Trigger | None:
+def check_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any,
+                   verdicts: Sequence[Mapping] | None = None) -> Trigger | None:
     """The guardrail trigger that holds at the latest evaluation, or None.
 
     `history`: every evaluation record so far (step 0 included); `baseline`: the baseline record
-    (see baseline_record); `cfg`: a RunConfig or any object with its guardrail fields. When several
+    (see baseline_record); `cfg`: a RunConfig or any object with its guardrail fields; `verdicts`:
+    the run's spot-check rows (RunFolder.verdicts()), given when a person may have judged earlier
+    checkpoints since their records were written (see apply_verdicts). When several
     hold at once, the first in TRIGGER_NAMES order is returned; `active_triggers` lists them all.
     A trigger holds while its run of bad evaluations is at least its patience long, so with
     early_stopping off it is reported again at every further bad evaluation.
@@ -150,13 +153,14 @@ def check_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any) -> T
       too (an empty validation set) is no evidence. The training loss is not used: with fp16 loss
       scaling a skipped overflow step can log an inf training loss while the weights are fine.
     """
-    triggers = active_triggers(history, baseline, cfg)
+    triggers = active_triggers(history, baseline, cfg, verdicts)
     return triggers[0] if triggers else None
 
 
-def active_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any) -> list[Trigger]:
+def active_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any,
+                    verdicts: Sequence[Mapping] | None = None) -> list[Trigger]:
     """Every trigger that holds at the latest evaluation, in TRIGGER_NAMES order (see check_triggers)."""
-    evals = _evaluations(history)
+    evals = _evaluations(apply_verdicts(history, verdicts) if verdicts is not None else history)
     if not evals:
         return []
     found = [
@@ -307,17 +311,46 @@ def caption_sanity(captions: list[str], baseline_captions: list[str], terms: dic
     blind = sum(scoring.is_blind(c) for c in captions)
     base_blind = sum(scoring.is_blind(b) for b in baseline_captions)
     proxy = (mean_chrf < chrf_min or hallucinated > base_hallucinated or blind > base_blind) if n else None
-
-    verdicts = _latest_verdicts(manual or [], checkpoint)
-    manual_degraded = any(v != "ok" for v in verdicts.values()) if verdicts else None
-    both = proxy is not None and manual_degraded is not None
-    return {
+    return _with_manual({
         "n": n, "mean_chrf_vs_baseline": mean_chrf, "hallucinated": hallucinated, "blind": blind,
         "baseline_hallucinated": base_hallucinated, "baseline_blind": base_blind, "chrf_min": chrf_min,
+        "proxy_degraded": proxy}, manual or [], checkpoint)
+
+
+def _with_manual(caption: dict, rows: Sequence[Mapping], checkpoint: str | None) -> dict:
+    """The caption verdict with the manual verdicts of `checkpoint` among `rows` (see caption_sanity)."""
+    proxy = caption["proxy_degraded"]
+    verdicts = _latest_verdicts(rows, checkpoint)
+    manual_degraded = any(v != "ok" for v in verdicts.values()) if verdicts else None
+    both = proxy is not None and manual_degraded is not None
+    return caption | {
         "degraded": manual_degraded if verdicts else proxy, "source": "manual" if verdicts else "proxy",
         "proxy_degraded": proxy, "manual_degraded": manual_degraded, "manual_verdicts": verdicts,
         "disagree": (proxy != manual_degraded) if both else None,
     }
+
+
+def apply_verdicts(history: Sequence[Mapping], verdicts: Sequence[Mapping]) -> list[dict]:
+    """The records with their caption verdict re-decided by the spot-check rows given so far.
+
+    A record's caption verdict was decided when it was written, usually before anyone had judged
+    that checkpoint; the spot-check appends verdicts later. Each record's manual verdicts are
+    re-read from `verdicts` (rows of spotcheck.jsonl) for checkpoint-<step>, the name the
+    spot-check writes, and decide `degraded` where present; the proxy decides elsewhere (a record
+    written before the caption carried `proxy_degraded` has its proxy in `degraded`). Records
+    without a caption dict are returned as they are; nothing is modified in place.
+    """
+    out = []
+    for record in history:
+        caption = record.get("caption") if isinstance(record, Mapping) else None
+        step = record.get("step") if isinstance(record, Mapping) else None
+        if isinstance(caption, Mapping) and isinstance(step, int) and not isinstance(step, bool):
+            proxy = caption["proxy_degraded"] if "proxy_degraded" in caption else (
+                caption.get("degraded") if caption.get("source") != "manual" else None)
+            record = {**record, "caption": _with_manual({**caption, "proxy_degraded": proxy}, verdicts,
+                                                        f"checkpoint-{step}")}
+        out.append(record)
+    return out
 
 
 def _latest_verdicts(rows: Sequence[Mapping], checkpoint: str | None) -> dict[str, str]:
