@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import LoraKitError
+from .guardrails import apply_verdicts
 from .paths import outputs_dir, runs_dir
 from .rundir import RunFolder, read_jsonl_records
 from .views import flatten_record, in_notebook, metrics_frame
@@ -60,7 +61,7 @@ def collect_runs(runs_root) -> pd.DataFrame:
     df = df.reindex(columns=list(dict.fromkeys(RUN_COLUMNS + rate_cols + ["general_loss", "gap"] + list(df.columns))))
     df["feasible"] = df["feasible"].astype(bool)
     numeric = [c for c in df.columns if c not in ("variant", "model", "status", "stop_reason", "best_checkpoint",
-                                                  "feasible", "run_dir")]
+                                                  "feasible", "run_dir", "caption_disagree_steps")]
     for c in numeric:  # None (a rate with n = 0, a missing value) becomes NaN in number columns
         converted = pd.to_numeric(df[c], errors="coerce")
         if converted.notna().sum() == df[c].notna().sum():
@@ -77,10 +78,12 @@ def _run_row(folder: Path) -> dict:
     best = summary.get("best") or {}
     counts = (summary.get("targets") or params.get("targets") or {}).get("counts") or {}
     trainable = _first(summary.get("trainable_parameters"), params.get("trainable_parameters"))
-    records = read_jsonl_records(folder / "metrics.jsonl")
+    # caption verdicts re-decided with the spot-check verdicts given since the records were written
+    verdicts = run.verdicts()
+    records = apply_verdicts(read_jsonl_records(folder / "metrics.jsonl"), verdicts)
     feasible = status in FINISHED and (best.get("checkpoint") is not None or trainable == 0)
     if feasible:  # the best checkpoint (step 0 for the evaluation-only A0)
-        record = best.get("metrics") or _record_at(records, best.get("step")) or {}
+        record = apply_verdicts([best.get("metrics") or _record_at(records, best.get("step")) or {}], verdicts)[0]
         step, loss = best.get("step"), best.get("eval_loss")
     else:  # no checkpoint passed the guardrails (or the run never finished): its last evaluation
         record = records[-1] if records else {}
@@ -98,6 +101,8 @@ def _run_row(folder: Path) -> dict:
         "best_eval_loss": loss, "feasible": feasible,
         "wall_seconds": timings.get("wall_seconds"), "eval_share": timings.get("eval_share"),
         "steps": summary.get("steps"), "run_dir": str(folder),
+        "caption_disagree_steps": ", ".join(str(r["step"]) for r in records
+                                            if isinstance(r.get("caption"), dict) and r["caption"].get("disagree")),
     }
     metrics = {k: v for k, v in flatten_record(record).items() if k not in _NOT_METRICS}
     return row | metrics
@@ -130,8 +135,21 @@ def study_table(df: pd.DataFrame) -> pd.DataFrame:
               "blindness"):
         if m in df:
             out[m] = [_rate_text(r, m) for _, r in df.iterrows()]
+    out["caption person / proxy"] = [_caption_text(r) for _, r in df.iterrows()]
+    out["person ≠ proxy at steps"] = df.get("caption_disagree_steps", pd.Series("", index=df.index)).fillna("").to_numpy()
     out["wall_seconds"] = df["wall_seconds"].round(0).to_numpy()
     return out
+
+
+def _caption_text(row) -> str:
+    """Caption sanity at the row's checkpoint as 'person / proxy', each degraded, ok or — (no verdict)."""
+    def word(key: str) -> str:
+        value = row.get(key)
+        return "—" if value is None or value != value else "degraded" if value else "ok"  # NaN != NaN
+
+    disagree = row.get("caption_disagree")
+    return (f"{word('caption_manual_degraded')} / {word('caption_proxy_degraded')}"
+            + (" (disagree)" if disagree is not None and disagree == disagree and disagree else ""))
 
 
 def _rate_text(row, m: str) -> str:

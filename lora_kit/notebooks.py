@@ -148,6 +148,58 @@ def summary_notebook() -> nbformat.NotebookNode:
     return _finish(cells)
 
 
+def spotcheck_notebook() -> nbformat.NotebookNode:
+    cells = [
+        new_markdown_cell(textwrap.dedent("""\
+            # Caption spot-check: does free-form captioning still make sense?
+
+            The fourth guardrail needs a person's eye: free-form caption sanity visibly degrading twice in a row.
+            Here each checkpoint of a run captions the same images (the 5 fixed OOD images of `spotcheck_file` by
+            default), side by side with the baseline (the model before training), and you judge each caption.
+            Every verdict is appended to `spotcheck.jsonl` in the run folder as you click, so a kernel restart
+            loses nothing; the caption-sanity guardrail and the summary table use these verdicts beside the
+            automatic proxy. Open this notebook in JupyterLab and run all cells.""")),
+        new_code_cell(textwrap.dedent("""\
+            # Parameters (papermill injects -p values after this cell).
+            from typing import Optional
+
+            runs: Optional[str] = None  # variant(s) or run folder(s), comma-separated, e.g. C2 or A1,C2 (None: the latest finished run)
+            runs_root: Optional[str] = None  # the run folders' parent (default outputs/runs)
+            images: Optional[str] = None  # None: the run's spotcheck_file; bench: the OOD benchmark rows; or a folder / chat JSONL
+            prompt: str = "请用自然语言描述一下这些图片"  # the caption request put after the image
+            steps: Optional[str] = None  # checkpoints to show, comma-separated steps, e.g. 25,50 (None: all)
+            max_new_tokens: Optional[int] = None  # caption length limit (None: the run's max_new_tokens)
+            who: Optional[str] = None  # your name in spotcheck.jsonl (None: the login name)"""),
+            metadata={"tags": ["parameters"]}),
+        new_markdown_cell("## Captions: generated once per checkpoint, cached in the run folder "
+                          "(`spotcheck_captions.jsonl`)"),
+        new_code_cell(textwrap.dedent("""\
+            from lora_kit.spotcheck import SpotCheck, SpotCheckView
+
+            check = SpotCheck.open(runs, runs_root=runs_root, images=images, prompt=prompt, steps=steps,
+                                   max_new_tokens=max_new_tokens, who=who)
+            print(f"{check.generate_missing()} caption(s) generated; {len(check.images)} images x "
+                  f"{len(check.columns)} columns")""")),
+        new_markdown_cell(textwrap.dedent("""\
+            ## Judge
+
+            One row per image, one column per checkpoint, the baseline first. Click **ok**, **degraded** (worse
+            than the baseline's caption), **hallucinated** (names something that is not there) or **blind**
+            (ignores the image); a note is saved with the verdict (Enter saves a note on a judged caption).
+            Keyboard: click the key box, then `1`-`4` judge the framed caption and move on, `j` / `k` move,
+            `n` jumps to the next unjudged caption.""")),
+        new_code_cell("SpotCheckView(check)"),
+        new_markdown_cell(textwrap.dedent("""\
+            ## What the guardrails make of the verdicts
+
+            Per evaluation: the automatic proxy (chrF against the baseline's captions, hallucinated and blind
+            captions), your verdict (any caption not ok = degraded) and whether the caption-sanity trigger
+            holds there with the verdicts given so far. Re-run this cell after judging.""")),
+        new_code_cell("check.guardrail_table()"),
+    ]
+    return _finish(cells)
+
+
 def _finish(cells) -> nbformat.NotebookNode:
     for i, cell in enumerate(cells):
         cell["id"] = f"cell-{i}"  # stable ids: the rendered file is deterministic
@@ -157,7 +209,8 @@ def _finish(cells) -> nbformat.NotebookNode:
     return nb
 
 
-NOTEBOOKS = {"train.ipynb": train_notebook, "summary.ipynb": summary_notebook}
+NOTEBOOKS = {"train.ipynb": train_notebook, "summary.ipynb": summary_notebook,
+             "spotcheck.ipynb": spotcheck_notebook}
 
 
 def render(name: str) -> str:
