@@ -573,9 +573,12 @@ class SpotCheckView:
     def refresh(self) -> None:
         """Redraw captions, verdict styles, notes, the cursor and the progress from the SpotCheck."""
         for i, (cell, view) in enumerate(zip(self.check.cells, self.cells)):
-            view.caption.value = (f"<div style='white-space:pre-wrap'>{html.escape(cell.caption)}</div>"
-                                  if cell.caption is not None else "<i>not generated yet: run check.generate_missing()"
-                                  "</i>")
+            if cell.caption is None:
+                view.caption.value = "<i>not generated yet: run check.generate_missing()</i>"
+            elif not cell.caption.strip():
+                view.caption.value = "<i>(empty caption)</i>"
+            else:
+                view.caption.value = f"<div style='white-space:pre-wrap'>{html.escape(cell.caption)}</div>"
             for verdict, b in view.buttons.items():
                 b.button_style = STYLES[verdict] if cell.verdict == verdict else ""
             if view.note.value != cell.note:
