@@ -514,11 +514,11 @@ class SpotCheckView:
         header = [w.HTML("<b>image</b>")] + [w.HTML(f"<b>{html.escape(c.label(several))}</b>") for c in check.columns]
         children = list(header)
         self.cells: list[CellView] = []
-        for row, image in enumerate(check.images):
+        for image in check.images:
             children.append(w.VBox([w.Image(value=_thumbnail(image.sample.images[0], thumb_px), format="png",
                                             width=thumb_px),
                                     w.HTML(f"<small>{html.escape(Path(image.key).name)}</small>")]))
-            for col in range(len(check.columns)):
+            for _ in check.columns:
                 view = self._cell(len(self.cells), w)
                 self.cells.append(view)
                 children.append(view.box)

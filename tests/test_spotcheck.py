@@ -131,7 +131,16 @@ def test_other_images_runs_and_bad_parameters(toy_ckpt, mini_world, tmp_path):
     logged = []
     assert [r.variant for r in SpotCheck.open(runs_root=str(tmp_path), log=logged.append).runs] == ["C2"]
     assert "runs not set: showing C2" in logged[0]
-    with pytest.raises(ConfigError, match=r"runs: 'C9' is not a run folder.*\(C2\)"):
+
+    # several variants: one baseline for their common start model, then each run's checkpoints; a verdict goes
+    # to the run folder of its column
+    write_run(tmp_path, toy_ckpt, mini_world, "C3")
+    both = SpotCheck.open("C2, C3", runs_root=str(tmp_path), steps="4", log=lambda *_: None)
+    assert [c.label(True) for c in both.columns] == ["baseline (C2)", "C2 · checkpoint-4", "C3 · checkpoint-4"]
+    both.judge("blind", index=2)
+    assert [r["variant"] for r in RunFolder(tmp_path / "C3").verdicts()] == ["C3"]
+    assert RunFolder(tmp_path / "C2").verdicts() == []
+    with pytest.raises(ConfigError, match=r"runs: 'C9' is not a run folder.*\(C2, C3\)"):
         SpotCheck.open("C9", runs_root=str(tmp_path))
     with pytest.raises(ConfigError, match="images = 'nowhere'"):
         open_check(tmp_path, images="nowhere")
@@ -146,6 +155,7 @@ def test_other_images_runs_and_bad_parameters(toy_ckpt, mini_world, tmp_path):
 def test_captions_are_generated_once_cached_and_match_an_independent_generation(generated, toy_ckpt, mini_world,
                                                                                  monkeypatch):
     from lora_kit import spotcheck
+    from lora_kit.data import Encoder, Sample
     from lora_kit.evaluate import generate, load_for_evaluation
 
     run = generated / "C2"
@@ -159,14 +169,12 @@ def test_captions_are_generated_once_cached_and_match_an_independent_generation(
     assert check.generate_missing(log=lambda *_: None) == 0
 
     # the same captions from the kit's evaluation loader, on conversations built here from the world's rows
-    from lora_kit.data import Sample
     samples = [Sample([m for m in r["messages"] if m["role"] == "system"]
                       + [{"role": "user", "content": "<image>" + DEFAULT_PROMPT}],
                       [mini_world / r["images"][0]], "test") for r in spot_rows(mini_world)]
     by_column = {}
     for step, folder in ((0, toy_ckpt), (4, run / "checkpoints" / "checkpoint-4")):
         model, processor, _ = load_for_evaluation(folder, base=str(toy_ckpt), default_model=str(toy_ckpt))
-        from lora_kit.data import Encoder
         expected = [g.answer for g in generate(model, Encoder(processor, 512), samples, max_new_tokens=6)]
         by_column[step] = [c.caption for c in check.cells if c.column.step == step]
         assert by_column[step] == expected, step

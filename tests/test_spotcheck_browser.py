@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 
 PACKAGES = ("chromium", "chromium-driver", "fonts-wqy-microhei")
 EXECUTABLES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-dev-shm-usage"]  # containers often give /dev/shm only 64 MB
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
 
 
@@ -92,6 +93,7 @@ class JupyterLab:
     def __init__(self, root: Path, home: Path):
         self.port, self.token = free_port(), secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
+        home.mkdir()
         self.log_path = home / "jupyterlab.log"
         env = os.environ | {
             "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
@@ -128,7 +130,8 @@ class JupyterLab:
         raise AssertionError(f"jupyter lab did not answer within {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")[-3000:]
 
     def stop(self) -> None:
@@ -180,10 +183,17 @@ def test_spotcheck_notebook_in_jupyterlab_with_chromium(toy_run, mini_world, tmp
          "-p", "who", "browser-test", "-k", "lora_kit"], capture_output=True, text=True, timeout=120)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
 
-    lab = JupyterLab(lab_root, tmp_path)
+    for attempt in range(3):  # the free port may be taken before the server binds it
+        lab = JupyterLab(lab_root, tmp_path / f"jupyter-{attempt}")
+        try:
+            lab.wait_ready()
+            break
+        except AssertionError:
+            lab.stop()
+            if "already in use" not in lab.log_tail() or attempt == 2:
+                raise
     console = []
     try:
-        lab.wait_ready()
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=executable, headless=True, args=BROWSER_ARGS, timeout=60_000)
             try:
