@@ -190,6 +190,26 @@ class Encoder:
         return Encoded(ids, [IGNORE_INDEX] * len(ids), pixel_values, grid, sample.source)
 
 
+def encode_all(encoder: Encoder, samples: list[Sample], *, on_bad_sample: str = "error"
+               ) -> tuple[list[Encoded], list[Sample], list[str]]:
+    """Encode every sample: (encoded, the samples kept, skipped reasons).
+
+    A sample that reads fine but cannot be encoded (longer than max_length, an undecodable image) is an
+    error naming its file and line, or with on_bad_sample: skip is left out and counted like read_jsonl's.
+    """
+    encoded, kept, skipped = [], [], []
+    for sample in samples:
+        try:
+            encoded.append(encoder.encode(sample))
+        except DataError as e:
+            if on_bad_sample != "skip":
+                raise DataError(f"{e} (set on_bad_sample: skip to skip bad samples and count them)") from None
+            skipped.append(str(e))
+            continue
+        kept.append(sample)
+    return encoded, kept, skipped
+
+
 class AugmentedDataset(torch.utils.data.Dataset):
     """Training samples encoded when drawn, so each epoch sees a new augmentation of every image."""
 

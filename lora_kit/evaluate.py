@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import scoring
-from .data import IGNORE_INDEX, Encoded, Encoder, Sample, collate_padded, read_jsonl, text_of
+from .data import IGNORE_INDEX, Encoded, Encoder, Sample, collate_padded, encode_all, read_jsonl, text_of
 
 
 @dataclass
@@ -151,6 +151,7 @@ class EvalSet:
     spotcheck: list[Sample]
     terms: dict
     crops: list[Sample] = field(default_factory=list)
+    skipped_val: list[str] = field(default_factory=list)  # validation samples that could not be encoded
 
 
 def _subset(items: list, n: int, seed: int) -> list:
@@ -176,11 +177,13 @@ def build_evalset(cfg, encoder: Encoder, files: dict[str, Path], train_samples: 
     bench, _ = read_jsonl(files["bench_file"], need_assistant=False)
     general, _ = read_jsonl(files["general_file"])
     spot, _ = read_jsonl(files["spotcheck_file"], need_assistant=False)
-    encode = lambda samples: [encoder.encode(s) for s in samples]  # noqa: E731
+    encode = lambda samples: encode_all(encoder, samples, on_bad_sample=cfg.on_bad_sample)  # noqa: E731
+    val_encoded, _, skipped_val = encode(val)
     crops = [s for s in _bench_subset(bench, 8, cfg.seed) if s.extra.get("kind") == "ood"] if cfg.crop_jitter_k else []
-    return EvalSet(val=encode(val), train_subset=encode(_subset(train_samples, len(val), cfg.seed)),
-                   general=encode(general), bench=_bench_subset(bench, cfg.eval_max_samples, cfg.seed),
-                   spotcheck=spot, terms=scoring.load_terms(files["terms_file"]), crops=crops)
+    return EvalSet(val=val_encoded, train_subset=encode(_subset(train_samples, len(val), cfg.seed))[0],
+                   general=encode(general)[0], bench=_bench_subset(bench, cfg.eval_max_samples, cfg.seed),
+                   spotcheck=spot, terms=scoring.load_terms(files["terms_file"]), crops=crops,
+                   skipped_val=skipped_val)
 
 
 def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | None,

@@ -22,7 +22,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import __version__, guardrails
 from .config import RunConfig
 from .augment import make_augment
-from .data import AugmentedDataset, Encoded, Encoder, collate_packed, collate_padded, read_jsonl, rope_index_fn
+from .data import (AugmentedDataset, Encoded, Encoder, collate_packed, collate_padded, encode_all, read_jsonl,
+                   rope_index_fn)
 from .errors import ConfigError, LoraKitError
 from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record
 from .paths import REPO_ROOT, runs_dir
@@ -288,12 +289,15 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
         encoder = Encoder(processor, cfg.max_length)
-        encode = lambda samples: [encoder.encode(s) for s in samples]  # noqa: E731
         t0 = time.time()
+        # Encoding once also screens every sample (length, images) before training starts.
+        train_data, train_samples, unencodable = encode_all(encoder, train_samples, on_bad_sample=cfg.on_bad_sample)
+        skipped_train += unencodable
         augment = make_augment(cfg.augmentation, cfg.augment_strength, cfg.seed)
-        # Without augmentation every sample is encoded once; with it, each draw is a new augmentation.
-        train_data = encode(train_samples) if augment is None else AugmentedDataset(train_samples, encoder, augment)
+        if augment is not None:  # each draw is a new augmentation of the screened samples
+            train_data = AugmentedDataset(train_samples, encoder, augment)
         evalset = build_evalset(cfg, encoder, files, train_samples)
+        skipped_val += evalset.skipped_val
         encode_seconds = time.time() - t0
 
         run.write_params({

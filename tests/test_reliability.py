@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -98,3 +100,75 @@ def test_a_diverging_run_stops_with_non_finite_loss(toy_ckpt, mini_world, tmp_pa
     summary = json.loads((tmp_path / "runs" / "N1" / "summary.json").read_text())
     assert summary["status"] == "stopped_early" and summary["stop_reason"] == "non_finite_loss"
     assert summary["steps"] < 12
+
+
+def _with_long_row(world, tmp_path, name: str) -> tuple[Path, int]:
+    """A copy of a mini-world file plus one row far longer than max_length=256 tokens; (path, its line)."""
+    rows = []
+    for line in (world / name).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)  # the copy lives elsewhere: make its image paths absolute
+        rows.append({**row, "images": [str((world / p).resolve()) for p in row["images"]]})
+    long_row = json.loads(json.dumps(rows[0]))
+    long_row["messages"][-1]["content"] = "红色圆形" * 200
+    rows.append(long_row)
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path, len(rows)
+
+
+def test_a_too_long_sample_is_an_error_naming_its_line_or_skipped_and_counted(toy_ckpt, mini_world, tmp_path):
+    from lora_kit.config import load_config
+    from lora_kit.train import train
+
+    train_file, line = _with_long_row(mini_world, tmp_path, "task_train.jsonl")
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2, variant="L1", llm_last=1, vit_last=0,
+                         train_file=str(train_file))
+    with pytest.raises(DataError, match=rf"task_train.jsonl:{line}: \d+ tokens, longer than max_length=256.*"
+                                        "on_bad_sample: skip"):
+        train(load_config([params]), log=lambda *a: None)
+    assert RunFolder(tmp_path / "runs" / "L1").status() == "failed"  # marked, not left half written
+
+    run = train(load_config([params], {"on_bad_sample": "skip", "variant": "L2"}), log=lambda *a: None)
+    skipped = json.loads((run / "params.json").read_text())["skipped_samples"]
+    assert len(skipped["train"]) == 1 and f"task_train.jsonl:{line}:" in skipped["train"][0]
+    assert skipped["val"] == []
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["skipped_samples"] == 1
+
+
+def test_a_run_that_turns_non_finite_stops_and_keeps_its_best_finite_checkpoint(toy_ckpt, mini_world, tmp_path,
+                                                                               monkeypatch):
+    import math
+
+    from safetensors.torch import load_file
+
+    from lora_kit.config import load_config
+    from lora_kit.train import StudyTrainer, train
+
+    poison_from = 5  # the 6th optimizer step gets a NaN loss; steps 2 and 4 were evaluated and saved before
+    original = StudyTrainer.compute_loss
+
+    def poisoned(self, model, inputs, *args, **kwargs):
+        out = original(self, model, inputs, *args, **kwargs)
+        if self.state.global_step < poison_from:
+            return out
+        return (out[0] * math.nan, *out[1:]) if isinstance(out, tuple) else out * math.nan
+
+    monkeypatch.setattr(StudyTrainer, "compute_loss", poisoned)
+    # Only the non-finite trigger may stop this run, and every finite checkpoint is feasible: the random
+    # toy's rates wander, which is not what this test is about.
+    quiet = {f"{name}_patience": 99 for name in ("irrelevant", "hallucination", "gap", "caption")}
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=12, variant="N2", llm_last=2, vit_last=0,
+                         lora_dropout=0.0, best_irrelevant_margin=1.0, best_hallucination_margin=1.0, **quiet)
+    run = train(load_config([params]), log=lambda *a: None)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "stopped_early" and summary["stop_reason"] == "non_finite_loss"
+    assert summary["steps"] == poison_from + 1 < 12
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    finite_saved = {m["checkpoint"]: m["eval_loss"] for m in metrics
+                    if m.get("checkpoint") and isinstance(m.get("eval_loss"), float) and math.isfinite(m["eval_loss"])}
+    assert set(finite_saved) == {"checkpoints/checkpoint-2", "checkpoints/checkpoint-4"}
+    best = summary["best"]
+    assert best["checkpoint"] in finite_saved and best["step"] < poison_from
+    weights = load_file(str(run / best["checkpoint"] / "adapter_model.safetensors"))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
