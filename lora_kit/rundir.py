@@ -8,6 +8,7 @@ same folder, fsync, rename), metrics.jsonl and spotcheck.jsonl only ever get who
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,16 +20,30 @@ from pathlib import Path
 from .errors import DataError, LoraKitError
 
 STATUSES = ("running", "completed", "stopped_early", "failed")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, file size limit
+
+
+def _disk_full(error: BaseException) -> bool:
+    """An OSError of a full disk, or a library's wrapper of one (safetensors raises SafetensorError
+    "I/O error: File too large (os error 27)")."""
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        return True
+    text = str(error)
+    return any(f"os error {code})" in text or os.strerror(code) in text for code in _DISK_FULL)
 
 
 def write_json_atomic(path: Path, data) -> None:
     """Replace `path` with JSON `data` so that readers see the old file or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, say: the old file stays, and no half-written temporary is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:
@@ -182,9 +197,15 @@ class RunFolder:
             return
         previous = self.summary() or {}
         kind = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-        write_json_atomic(self.path / "summary.json", {
-            **previous, "status": "failed", "failure": kind, "error": f"{type(error).__name__}: {error}",
-            "traceback": traceback.format_exception(error)[-5:]})
+        record = {**previous, "status": "failed", "failure": kind, "error": f"{type(error).__name__}: {error}",
+                  "traceback": traceback.format_exception(error)[-5:]}
+        if _disk_full(error):
+            record["fix"] = (f"free disk space for {self.path} and run the same command again: it resumes from "
+                             "the last complete checkpoint (one with trainer_state.json)")
+        try:
+            write_json_atomic(self.path / "summary.json", record)
+        except OSError:  # the disk is too full even for this: 'running' with a dead pid reads as stale
+            pass
 
     # -- files
     def write_params(self, params: dict) -> None:

@@ -172,3 +172,36 @@ def test_a_run_that_turns_non_finite_stops_and_keeps_its_best_finite_checkpoint(
     assert best["checkpoint"] in finite_saved and best["step"] < poison_from
     weights = load_file(str(run / best["checkpoint"] / "adapter_model.safetensors"))
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
+
+
+def _file_size_limit(limit: int):
+    """For a child process: files may not grow past `limit` bytes, and writing past it is an error
+    (EFBIG), not a signal: what a full disk looks like to the writer."""
+    def apply():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_a_checkpoint_fails_cleanly_and_the_rerun_finishes(toy_ckpt, mini_world, tmp_path):
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=4, variant="F1", llm_last=2, vit_last=2)
+    cmd = [sys.executable, "-m", "lora_kit", "train", "-f", str(params)]
+    # JSON files, metrics lines and evaluation samples fit under 48 kB; the LoRA checkpoint does not
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=600, preexec_fn=_file_size_limit(48_000))
+    run = tmp_path / "runs" / "F1"
+    assert full.returncode != 0 and (run / "summary.json").exists(), full.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "File too large" in summary["error"]
+    assert "free disk space" in summary["fix"] and "run the same command again" in summary["fix"]
+    assert not list(run.glob(".*.tmp"))  # no half-written JSON left behind
+    assert json.loads((run / "params.json").read_text())["variant"] == "F1"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics][:2] == [0, 2]  # what was measured before the failure is kept
+    assert RunFolder(run).last_checkpoint() is None  # the torn checkpoint is never resumed from
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] in ("completed", "stopped_early") and "error" not in summary
+    assert [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [0, 2, 4]
