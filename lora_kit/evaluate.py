@@ -26,6 +26,11 @@ class Generation:
     n_tokens: int
 
 
+def to_device(batch: dict, model) -> dict:
+    """The batch's tensors on the model's device (a real checkpoint evaluates on its GPU; the toy on CPU)."""
+    return {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int = 16,
              max_new_tokens: int = 32, augments: list | None = None) -> list[Generation]:
@@ -46,6 +51,7 @@ def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int 
             batch = collate_padded([prompts[i] for i in idx], tok.pad_token_id, encoder.image_token_id,
                                    padding_side="left")
             batch.pop("labels")
+            batch = to_device(batch, model)
             seq = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=eos, pad_token_id=tok.pad_token_id)
             new = seq[:, batch["input_ids"].shape[1]:]
@@ -67,7 +73,7 @@ def mean_loss(model, encoded: list, *, batch_size: int = 16, image_token_id: int
     model.eval()
     try:
         for start in range(0, len(encoded), batch_size):
-            batch = collate_padded(encoded[start:start + batch_size], pad_id, image_token_id)
+            batch = to_device(collate_padded(encoded[start:start + batch_size], pad_id, image_token_id), model)
             labels = batch.pop("labels")
             logits = model(**batch, use_cache=False).logits[:, :-1]
             target = labels[:, 1:]

@@ -194,7 +194,7 @@ class GuardrailCallback(TrainerCallback):
         """One guardrail evaluation: metrics line, TensorBoard, then the triggers (never at step 0)."""
         self.record(self.evaluate(model, step, epoch))
         if step:
-            self.trigger = guardrails.check_triggers(self.history, self.baseline, self.cfg)
+            self.trigger = guardrails.check_triggers(self.history, self.baseline, self.cfg, self.run.verdicts())
         return self.trigger
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

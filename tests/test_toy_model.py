@@ -96,3 +96,40 @@ def test_config_mrope_sections_fill_half_the_head_dim():
         cfg = build_config(tok, ToySpec(text_heads=heads, text_hidden=hidden, text_kv_heads=1))
         section = cfg.text_config.rope_parameters["mrope_section"]
         assert sum(section) == hidden // heads // 2 and min(section) > 0
+
+
+class _DeviceSpy:
+    """Stands in for a model on another device (a GPU): records where its inputs were, then stops."""
+
+    device = torch.device("meta")
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def _record(self, **batch):
+        self.seen = {k: v.device for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        raise InterruptedError
+
+    __call__ = generate = _record
+
+
+def test_evaluation_moves_its_batches_to_the_models_device(toy_ckpt, mini_world):
+    import pytest
+
+    from lora_kit.data import Encoder, read_jsonl
+    from lora_kit.evaluate import generate, mean_loss
+
+    processor = AutoProcessor.from_pretrained(toy_ckpt)
+    encoder = Encoder(processor, 512)
+    samples, _ = read_jsonl(mini_world / "task_val.jsonl")
+    for run in (lambda spy: generate(spy, encoder, samples[:2]),
+                lambda spy: mean_loss(spy, [encoder.encode(s) for s in samples[:2]],
+                                      image_token_id=encoder.image_token_id, pad_id=processor.tokenizer.pad_token_id)):
+        spy = _DeviceSpy()
+        with pytest.raises(InterruptedError):
+            run(spy)
+        assert "pixel_values" in spy.seen and set(spy.seen.values()) == {torch.device("meta")}
