@@ -28,10 +28,12 @@ def cmd_toy_build(args) -> int:
 
 def cmd_train(args) -> int:
     from .config import load_config, parse_set
+    from .distributed import launch, launched_world_size
     from .train import train
 
     cfg = load_config(args.file, parse_set(args.set), overrides_source="--set")
-    run_dir = train(cfg)
+    # nproc > 1 outside a launcher: start torchrun with this same command; under one, train this rank
+    run_dir = launch(cfg) if cfg.nproc > 1 and launched_world_size() == 1 else train(cfg)
     print(run_dir)
     return 0
 
@@ -63,16 +65,38 @@ def cmd_evaluate(args) -> int:
 
 def cmd_matrix(args) -> int:
     from .config import parse_set
-    from .matrix import plan_jobs, run_matrix, status_table
+    from .matrix import plan_jobs, run_matrix, slurm_executor, status_table, submit_matrix, unfinished
+    from .paths import runs_dir
 
     runs_root = Path(args.runs_root) if args.runs_root else None
     if args.status:
         print(status_table(runs_root))
         return 0
+    slurm_only = {"--partition": args.partition, "--gpus-per-job": args.gpus_per_job, "--time": args.time,
+                  "--array-parallelism": args.array_parallelism}
+    if args.backend == "local" and any(v is not None for v in slurm_only.values()):
+        given = ", ".join(k for k, v in slurm_only.items() if v is not None)
+        raise LoraKitError(f"{given}: options of Slurm jobs. Fix: add --backend slurm, or leave them out.")
+    if args.backend == "slurm" and args.jobs != 1:
+        raise LoraKitError(f"--jobs {args.jobs} is for --backend local. Fix: with --backend slurm, "
+                           "--array-parallelism N runs at most N variants at once.")
     overrides = parse_set(args.set)
     if args.profile:
         overrides["profile"] = args.profile
     jobs = plan_jobs(args.variants, all_variants=args.all, grid=args.grid, overrides=overrides)
+    if args.backend == "slurm":
+        root = runs_dir(None) if runs_root is None else runs_root
+        if args.dry_run:
+            unfinished(jobs, root)
+            return 0
+        gpus = 1 if args.gpus_per_job is None else args.gpus_per_job
+        executor = slurm_executor(root.parent / "slurm", partition=args.partition, gpus_per_job=gpus,
+                                  time_min=720 if args.time is None else args.time,
+                                  array_parallelism=args.array_parallelism)
+        submit_matrix(jobs, executor, runs_root=root, gpus_per_job=gpus)
+        print(f"\nsubmitted; job logs in {root.parent / 'slurm'}. Progress: python -m lora_kit matrix --status")
+        print(status_table(runs_root))
+        return 0
     statuses = run_matrix(jobs, runs_root=runs_root, n_jobs=args.jobs, dry_run=args.dry_run)
     print()
     print(status_table(runs_root))
@@ -138,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-root", default=None, help="folder of run folders (default outputs/runs)")
     p.add_argument("--dry-run", action="store_true", help="show what would run, run nothing")
     p.add_argument("--status", action="store_true", help="print the status table of the run folders")
+    p.add_argument("--backend", choices=["local", "slurm"], default="local",
+                   help="local: run here, one process per variant; slurm: one Slurm job per variant (submitit)")
+    p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's)")
+    p.add_argument("--gpus-per-job", type=int, default=None,
+                   help="GPUs of each Slurm job (default 1); above 1 a variant trains data-parallel on them")
+    p.add_argument("--time", type=int, default=None, metavar="MINUTES", help="time limit of each Slurm job (default 720)")
+    p.add_argument("--array-parallelism", type=int, default=None,
+                   help="at most this many variants' jobs run at once (default: Slurm's)")
     p.set_defaults(func=cmd_matrix)
 
     p = sub.add_parser("summary", help="the study table, Pareto frontiers, heatmaps and verdicts (summary.ipynb)")

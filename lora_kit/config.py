@@ -199,7 +199,12 @@ class RunConfig:
     overwrite: bool = False
     """Replace an existing run folder of the same variant instead of refusing to start."""
     nproc: int = 1
-    """Processes (GPUs) one training run uses, like torchrun's --nproc_per_node; 1 on a CPU."""
+    """Processes (one per GPU) that train this run data-parallel. Above 1, `python -m lora_kit train` and
+    train.ipynb start torchrun with that many; under torchrun or accelerate launch the launcher decides
+    (leave 1, or give the same number)."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON config for a multi-GPU run, handed to the Trainer unchanged; ZeRO stage 0, 1 or 2
+    (the guardrail evaluation runs on rank 0, which needs the whole model). null: plain data parallel."""
 
     def __post_init__(self) -> None:
         values, problems = {}, []
@@ -745,6 +750,16 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
         found = "a folder without adapter_config.json" if _is_dir(Path(adapter)) else "no such folder"
         bad(["init_adapter"], f"a peft adapter folder ({found})",
             "give a folder saved by peft (e.g. a run's checkpoints/<step>), or init_adapter: null")
+    if c["deepspeed"] is not None:
+        stage = _zero_stage(Path(c["deepspeed"]))
+        if stage is None:
+            bad(["deepspeed"], "a readable DeepSpeed JSON config file",
+                "check the path, or set deepspeed: null for plain data parallel")
+        elif stage == 3:
+            bad(["deepspeed"], "ZeRO stage 0, 1 or 2 (stage 3 shards the weights, and the guardrail evaluation "
+                "runs on rank 0 with the whole model)",
+                'set "zero_optimization": {"stage": 2} in that file; LoRA trains few weights, so stage 2 saves '
+                "nearly as much memory")
     for name in _DATA_FILES:
         if c[name] is not None and not _is_file(Path(c[name])):
             bad([name], "an existing file (relative paths start at the current folder)",
@@ -768,6 +783,15 @@ def _is_dir(path: Path) -> bool:
         return path.is_dir()
     except (OSError, ValueError):
         return False
+
+
+def _zero_stage(path: Path) -> int | None:
+    """The ZeRO stage of a DeepSpeed JSON config (0 without zero_optimization); None if unreadable."""
+    try:
+        stage = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, int) else None
 
 
 def _display(path: Path) -> str:

@@ -54,7 +54,9 @@ def train_notebook() -> nbformat.NotebookNode:
             rates, guardrail evaluation every `eval_steps`, early stopping and the constrained best checkpoint.
             Run it with papermill, e.g. `papermill train.ipynb out.ipynb -p llm_last 2 -p vit_last 4` or
             `papermill notebooks/train.ipynb out.ipynb -f params/C2.yaml`; or open it and run all cells.
-            Everything lands in `outputs/runs/<variant>/`.""")),
+            Everything lands in `outputs/runs/<variant>/`. With `nproc` above 1 the variant trains data-parallel on
+            that many GPUs: this notebook starts `python -m lora_kit train` under torchrun and then reads the run
+            folder.""")),
         new_code_cell(parameters_cell(), metadata={"tags": ["parameters"]}),
         new_markdown_cell("Resolve the parameters: defaults, the toy profile, the variant file, then the values "
                           "set above. Any problem stops here, before a model is loaded."),
@@ -69,9 +71,10 @@ def train_notebook() -> nbformat.NotebookNode:
         new_code_cell("show_plan(cfg)"),
         new_markdown_cell("## Training with guardrails"),
         new_code_cell(textwrap.dedent("""\
+            from lora_kit.distributed import launch
             from lora_kit.train import train
 
-            run_dir = train(cfg)""")),
+            run_dir = train(cfg) if cfg.nproc == 1 else launch(cfg)""")),
         new_markdown_cell("## Curves, guardrails against their thresholds, and the outcome"),
         new_code_cell("show_run(run_dir)"),
     ]

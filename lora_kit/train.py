@@ -4,8 +4,8 @@
 
 The Trainer owns the loop (schedule, accumulation, checkpoints, resume, TensorBoard, multi-GPU
 launch); lora_kit adds what the study needs through the Trainer's extension points: per-tower
-optimizer groups (`create_optimizer`), correct packing (the data collator) and the guardrail
-evaluation (a `TrainerCallback`).
+optimizer groups (`create_optimizer`), correct packing (the data collator), the frozen-prefix fast
+path (`compute_loss`, see prefix.py) and the guardrail evaluation (a `TrainerCallback`).
 """
 from __future__ import annotations
 
@@ -22,11 +22,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import __version__, guardrails
 from .config import RunConfig
 from .augment import make_augment
-from .data import (AugmentedDataset, Encoded, Encoder, collate_packed, collate_padded, encode_all, read_jsonl,
-                   rope_index_fn)
+from .distributed import Ranks, init_ranks
+from .data import (AugmentedDataset, Encoded, Encoder, collate_padded, collate_rows, encode_all, pack_rows,
+                   read_jsonl, rope_index_fn)
 from .errors import ConfigError, LoraKitError
 from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record
 from .paths import REPO_ROOT, runs_dir
+from .prefix import FrozenPrefix, plan_prefix
 from .rundir import RunFolder
 from .targeting import TargetPlan, Towers, find_towers, plan_from_regex, plan_targets, verify_wrapped, wrapped_modules
 
@@ -100,11 +102,18 @@ def optimizer_groups(model, towers: Towers, cfg: RunConfig) -> list[dict]:
 
 
 class StudyTrainer(Trainer):
-    """The Trainer with per-tower learning rates."""
+    """The Trainer with per-tower learning rates and, given a FrozenPrefix, the frozen-prefix fast path."""
 
-    def __init__(self, *args, towers: Towers, run_cfg: RunConfig, **kwargs):
-        self.towers, self.run_cfg = towers, run_cfg
+    def __init__(self, *args, towers: Towers, run_cfg: RunConfig, prefix: FrozenPrefix | None = None, **kwargs):
+        self.towers, self.run_cfg, self.prefix = towers, run_cfg, prefix
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The model's own loss is a per-batch mean (Qwen3-VL takes no num_items_in_batch); so is the fast one.
+        rows = inputs.pop("rows", None)
+        if self.prefix is None or rows is None or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self.prefix.loss(inputs, rows)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -123,39 +132,73 @@ class StudyTrainer(Trainer):
 # ---------------------------------------------------------------- packing
 
 class Collator:
-    """Batches for training: packed rows (samples concatenated, no cross-sample attention) or padded rows."""
+    """Batches for training: packed rows (samples concatenated, no cross-sample attention) or padded rows.
 
-    def __init__(self, processor, model, packing: bool, max_length: int):
+    With `rows`, the batch also lists the samples of each row (what the frozen-prefix cache is keyed by).
+    """
+
+    def __init__(self, processor, model, packing: bool, max_length: int, rows: bool = False):
         self.pad_id = processor.tokenizer.pad_token_id
         self.image_token_id = processor.image_token_id
         self.packing = packing
         self.max_length = max_length
+        self.rows = rows
         self.rope_index = rope_index_fn(model) if packing else None
 
     def __call__(self, batch: list[Encoded]) -> dict:
-        if not self.packing:
-            return collate_padded(batch, self.pad_id, self.image_token_id)
-        return collate_packed(batch, self.pad_id, self.image_token_id, self.max_length, self.rope_index)
+        if self.packing:
+            rows = pack_rows(batch, self.max_length)
+            out = collate_rows(rows, self.pad_id, self.image_token_id, self.rope_index)
+        else:
+            rows = [[e] for e in batch]
+            out = collate_padded(batch, self.pad_id, self.image_token_id)
+        if self.rows:
+            out["rows"] = rows
+        return out
+
+
+def frozen_prefix(model, cfg: RunConfig, collator: Collator, train_data, *, world_size: int = 1,
+                  log=print) -> FrozenPrefix | None:
+    """The run's frozen-prefix fast path (prefix.py), or None; checked against the model's own loss on a
+    training batch before anything relies on it."""
+    plan = plan_prefix(model, augmentation=cfg.augmentation, world_size=world_size)
+    log(f"frozen-prefix fast path: {plan.mode} ({plan.why})")
+    prefix = FrozenPrefix(model, plan, log=log)
+    batch = collator([train_data[i] for i in range(min(len(train_data), cfg.per_device_train_batch_size))])
+    rows = batch.pop("rows")
+    diff = prefix.check(model, {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                                for k, v in batch.items()}, rows)
+    fp32 = next(model.parameters()).dtype == torch.float32
+    if not diff <= (1e-4 if fp32 else 3e-2):
+        log(f"frozen-prefix fast path off: its loss differs from the model's own by {diff:.2e} on a training batch "
+            "(an architecture or transformers version it does not know)")
+        return None
+    return prefix
 
 
 # ---------------------------------------------------------------- guardrail evaluation
 
 class GuardrailCallback(TrainerCallback):
-    """At every evaluation: all guardrail metrics, one metrics.jsonl line, TensorBoard, triggers, stop."""
+    """At every evaluation: all guardrail metrics, one metrics.jsonl line, TensorBoard, triggers, stop.
 
-    def __init__(self, run: RunFolder, cfg: RunConfig, encoder: Encoder, evalset: EvalSet):
-        self.run, self.cfg, self.encoder, self.evalset = run, cfg, encoder, evalset
-        self.history = run.read_metrics()
+    With several processes rank 0 evaluates and writes; the other ranks wait and follow its decision.
+    """
+
+    def __init__(self, run: RunFolder, cfg: RunConfig, encoder: Encoder, evalset: EvalSet,
+                 ranks: Ranks = Ranks()):
+        self.run, self.cfg, self.encoder, self.evalset, self.ranks = run, cfg, encoder, evalset, ranks
+        self.history = run.read_metrics() if ranks.is_main else []
         self.baseline: dict | None = None
         self.baseline_source = None
         self.trigger: guardrails.Trigger | None = None
         self.eval_seconds = 0.0
         self.tb = None
+        self.prefix: FrozenPrefix | None = None  # the training run's frozen-prefix cache, for the losses
 
     def evaluate(self, model, step: int, epoch: float) -> dict:
         record, gens, captions = guardrail_record(
             model, self.encoder, self.evalset, self.cfg, step=step, baseline_captions=self._baseline_captions(),
-            verdicts=self.run.verdicts())
+            verdicts=self.run.verdicts(), prefix=self.prefix)
         record["epoch"] = epoch
         record["checkpoint"] = (f"checkpoints/checkpoint-{step}" if step and step % self.cfg.save_steps == 0
                                 else None)
@@ -199,16 +242,24 @@ class GuardrailCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
-        if step % self.cfg.eval_steps or not state.is_world_process_zero:
+        if step % self.cfg.eval_steps:
             return
+        # Every rank stops and saves together, as rank 0 decides (a rank left alone would wait forever).
+        stop, save = self.ranks.on_rank0(self._evaluation_step, model, step, state.epoch or 0.0)
+        control.should_training_stop |= stop
+        control.should_save |= save
+
+    def _evaluation_step(self, model, step: int, epoch: float) -> tuple[bool, bool]:
+        """(stop, save) after the evaluation at an eval step."""
         if any(r["step"] == step for r in self.history):  # already evaluated before an interruption
-            return
-        if self.evaluate_and_check(model, step, state.epoch or 0.0) and self.cfg.early_stopping:
-            control.should_training_stop = True
+            return False, False
+        if self.evaluate_and_check(model, step, epoch) and self.cfg.early_stopping:
             if not self.history[-1]["checkpoint"]:  # keep the checkpoint of the step that fired
-                control.should_save = True
                 self.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
                 self.run.rewrite_last_metrics(self.history[-1])
+                return True, True
+            return True, False
+        return False, False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # fp32/bf16 training only (no loss scaling here), so a non-finite training loss is real divergence
@@ -264,6 +315,7 @@ def package_versions() -> dict:
 def train(cfg: RunConfig, *, log=print) -> Path:
     """Run one variant: plan, LoRA, training with guardrail evaluation, summary. Returns the run folder."""
     from transformers import set_seed
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from .targeting import meta_model
     from .toy import resolve_model
@@ -275,8 +327,10 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     towers = find_towers(meta_model(resolve_model(cfg.model), cfg.trust_remote_code))
     plan = (plan_from_regex(towers, cfg.target_regex) if cfg.target_regex
             else plan_targets(towers, cfg.llm_last, cfg.vit_last))
+    ranks = init_ranks(cfg.nproc)  # several under torchrun / accelerate launch: rank 0 owns the run folder
+    log = log if ranks.is_main else (lambda *_: None)
     run = RunFolder(runs_dir(cfg.output_dir) / cfg.variant_name)
-    run.claim(overwrite=cfg.overwrite)  # refuses a completed run or a live second process
+    ranks.on_rank0(run.claim, overwrite=cfg.overwrite)  # refuses a completed run or a live second process
     try:
         set_seed(cfg.seed)
         files = data_files(cfg)
@@ -300,8 +354,9 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         skipped_val += evalset.skipped_val
         encode_seconds = time.time() - t0
 
-        run.write_params({
+        ranks.on_rank0(run.write_params, {
             "config": cfg.to_dict(), "variant": cfg.variant_name, "code": code_version(),
+            "processes": ranks.record(),
             "packages": package_versions(), "model_path": str(model_path),
             "data_files": {k: str(v) for k, v in files.items()},
             "skipped_samples": {"train": skipped_train, "val": skipped_val},
@@ -314,28 +369,35 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             "trainable_parameters": trainable,
             "augmentation": {"kind": cfg.augmentation, "strength": cfg.augment_strength},
         })
-        callback = GuardrailCallback(run, cfg, encoder, evalset)
+        callback = GuardrailCallback(run, cfg, encoder, evalset, ranks)
+        collator = Collator(processor, model, cfg.packing, cfg.max_length, rows=True)
+        if trainable:  # before step 0, whose losses then fill the cache for every later evaluation
+            callback.prefix = frozen_prefix(model, cfg, collator, train_data, world_size=ranks.world_size, log=log)
         trainer = None
-        if not callback.history:
-            callback.evaluate_and_check(model, 0, 0.0)  # step 0: the run's own baseline before any update
+        if ranks.on_rank0(lambda: not callback.history):
+            ranks.on_rank0(callback.evaluate_and_check, model, 0, 0.0)  # step 0: the baseline before any update
         if trainable == 0:  # A0: evaluation only; its step-0 metrics are the study's baseline
             log(f"{cfg.variant_name}: nothing to train (llm_last=0, vit_last=0): evaluation-only baseline run")
         else:
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tb")
             trainer = StudyTrainer(
                 model=model, args=training_arguments(cfg, run.path), train_dataset=train_data,
-                data_collator=Collator(processor, model, cfg.packing, cfg.max_length),
-                callbacks=[callback], towers=towers, run_cfg=cfg)
-            resume = run.last_checkpoint()
+                data_collator=collator, callbacks=[callback], towers=towers, run_cfg=cfg, prefix=callback.prefix)
+            if trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled():  # e.g. from an accelerate config
+                raise ConfigError("FSDP and DeepSpeed ZeRO-3 shard the weights across the ranks, and the guardrail "
+                                  "evaluation runs on rank 0 with the whole model. Fix: launch plain data parallel, "
+                                  "or with DeepSpeed ZeRO stage 1 or 2 (the deepspeed parameter).")
+            resume = ranks.on_rank0(run.last_checkpoint)
             log(f"{cfg.variant_name}: training {trainable:,} LoRA parameters on {len(plan.modules)} modules "
                 f"({plan.counts()}), {len(train_data)} samples" + (f", resuming from {resume.name}" if resume else ""))
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             last = trainer.state.global_step
-            if not any(r["step"] == last for r in callback.history):  # the last step gets evaluated and saved too
+            if ranks.on_rank0(lambda: not any(r["step"] == last for r in callback.history)):
+                # the last step gets evaluated and saved too (save_model on every rank: the Trainer writes once)
                 trainer.save_model(str(run.path / "checkpoints" / f"checkpoint-{last}"))
-                callback.evaluate_and_check(model, last, trainer.state.epoch or 0.0)
-                callback.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{last}"
-                run.rewrite_last_metrics(callback.history[-1])
+                ranks.on_rank0(final_evaluation, callback, model, last, trainer.state.epoch or 0.0)
+        if not ranks.is_main:  # the rest is rank 0's: the summary
+            return run.path
         history = callback.history
         best = guardrails.choose_best(history, callback.baseline, cfg) if trainer is not None else {
             "checkpoint": None, "step": 0, "eval_loss": history[0]["eval_loss"],
@@ -356,6 +418,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                         "encode_seconds": encode_seconds,
                         "eval_share": callback.eval_seconds / max(time.time() - t_start, 1e-9)},
             "skipped_samples": len(skipped_train) + len(skipped_val),
+            "fast_path": callback.prefix.stats() if callback.prefix else None,
         }
         run.finish(summary)
         log(f"{cfg.variant_name}: {status}" + (f" ({trig.name} at step {trig.step})" if trig else "")
@@ -366,6 +429,14 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         raise
     finally:
         run.release()
+        ranks.close()
+
+
+def final_evaluation(callback: GuardrailCallback, model, step: int, epoch: float) -> None:
+    """The evaluation of the last step, whose checkpoint train() has just saved."""
+    callback.evaluate_and_check(model, step, epoch)
+    callback.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
+    callback.run.rewrite_last_metrics(callback.history[-1])
 
 
 def training_arguments(cfg: RunConfig, run_path: Path) -> TrainingArguments:
@@ -383,4 +454,5 @@ def training_arguments(cfg: RunConfig, run_path: Path) -> TrainingArguments:
         logging_steps=cfg.logging_steps, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
         remove_unused_columns=False, dataloader_num_workers=0, label_names=["labels"],
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False, save_only_model=False,
+        deepspeed=cfg.deepspeed,
     )
