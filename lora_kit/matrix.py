@@ -3,12 +3,17 @@
     python -m lora_kit matrix                 # the priority variants: A0, A1, A2, B2, B3, C2, C3
     python -m lora_kit matrix C2 C3 --jobs 2  # chosen variants, two at a time (one GPU each when present)
     python -m lora_kit matrix C2 --grid lora_rank=8,16,32
+    python -m lora_kit matrix --backend slurm --partition gpu --gpus-per-job 2 --time 720
     python -m lora_kit matrix --status        # the table of statuses, from the run folders
 
 Each variant runs notebooks/train.ipynb with its params file and writes the executed notebook into
 its run folder. Status always comes from the run folders, so an interrupted matrix is resumed by
 running the same command again: finished runs are skipped, interrupted ones resume from their last
 checkpoint (the Trainer's own resume), failed ones are retried.
+
+On a Slurm cluster (`--backend slurm`, through submitit) each variant is one job that runs the same
+notebook: A0 as a job of its own, the others as one job array that starts after A0's job ends. A
+submitted variant's run folder says `queued` until its job starts.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import STUDY_PRIORITY, STUDY_VARIANTS, parse_set
@@ -86,8 +91,11 @@ def _gpus() -> int:
         return 0
 
 
-def run_job(job: Job, runs_root: Path, *, slot: int = 0, log=print) -> str:
-    """Execute train.ipynb for one job with papermill in its own process; returns the final status."""
+def run_job(job: Job, runs_root: Path, *, slot: int = 0, pin_gpu: bool = True, log=print) -> str:
+    """Execute train.ipynb for one job with papermill in its own process; returns the final status.
+
+    pin_gpu: run on GPU `slot` of this machine; False leaves the GPUs as they are (a Slurm job's own).
+    """
     folder = runs_root / job.variant
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS_DIR / "train.ipynb"), str(folder / "train.ipynb"),
@@ -96,7 +104,7 @@ def run_job(job: Job, runs_root: Path, *, slot: int = 0, log=print) -> str:
     if job.overrides:  # lists and strings need YAML, not -p (papermill's -p only converts numbers)
         cmd += ["-y", json.dumps(job.overrides)]
     env = dict(os.environ)
-    gpus = _gpus()
+    gpus = _gpus() if pin_gpu else 0
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     t0 = time.time()
@@ -115,10 +123,8 @@ def run_job(job: Job, runs_root: Path, *, slot: int = 0, log=print) -> str:
     return status
 
 
-def run_matrix(jobs: list[Job], *, runs_root: Path | None = None, n_jobs: int = 1, dry_run: bool = False,
-               log=print) -> dict[str, str]:
-    """Run the jobs that are not finished, A0 first and alone; returns {variant: final status}."""
-    runs_root = runs_dir(None) if runs_root is None else Path(runs_root)
+def unfinished(jobs: list[Job], runs_root: Path, log=print) -> tuple[dict[str, str], list[Job]]:
+    """({variant: status}, the jobs to run): finished, running and queued runs are left out."""
     statuses = {j.variant: run_status(runs_root, j.variant) for j in jobs}
     todo = []
     for job in jobs:
@@ -127,10 +133,22 @@ def run_matrix(jobs: list[Job], *, runs_root: Path | None = None, n_jobs: int = 
             log(f"[{job.variant}] {s}: skipped")
         elif s == "running":
             log(f"[{job.variant}] running in another process: skipped")
+        elif s == "queued":
+            job_id = (RunFolder(runs_root / job.variant).summary() or {}).get("job_id")
+            log(f"[{job.variant}] queued as Slurm job {job_id}: skipped (if that job is gone, delete "
+                f"{runs_root / job.variant / 'summary.json'} to submit it again)")
         else:
             todo.append(job)
             resume = RunFolder(runs_root / job.variant).last_checkpoint()
             log(f"[{job.variant}] {s}: " + (f"will resume from {resume.name}" if resume else "will run"))
+    return statuses, todo
+
+
+def run_matrix(jobs: list[Job], *, runs_root: Path | None = None, n_jobs: int = 1, dry_run: bool = False,
+               log=print) -> dict[str, str]:
+    """Run the jobs that are not finished, A0 first and alone; returns {variant: final status}."""
+    runs_root = runs_dir(None) if runs_root is None else Path(runs_root)
+    statuses, todo = unfinished(jobs, runs_root, log)
     if dry_run:
         return statuses
     first = [j for j in todo if j.variant == BASELINE]
@@ -142,6 +160,78 @@ def run_matrix(jobs: list[Job], *, runs_root: Path | None = None, n_jobs: int = 
         for job, status in zip(rest, results):
             statuses[job.variant] = status
     return statuses
+
+
+# ---------------------------------------------------------------- Slurm, through submitit
+
+def slurm_executor(folder: Path, *, partition: str | None = None, gpus_per_job: int = 1, time_min: int = 720,
+                   array_parallelism: int | None = None, cluster: str = "slurm"):
+    """A submitit executor for the matrix's jobs; `cluster="local"` runs them here (submitit's LocalExecutor)."""
+    import submitit
+
+    for name, value, example in (("--gpus-per-job", gpus_per_job, 1), ("--time", time_min, 720),
+                                 ("--array-parallelism", array_parallelism, 4)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} {value}: expected a number >= 1. Fix: e.g. {name} {example}.")
+    try:
+        executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    except RuntimeError as err:  # no srun / sbatch here
+        raise ConfigError(f"--backend slurm: no Slurm on this machine ({err}). Fix: run the matrix on the "
+                          "cluster's login node, or use --backend local (the default) here.") from None
+    executor.update_parameters(name="lora_kit", timeout_min=time_min, gpus_per_node=gpus_per_job, tasks_per_node=1,
+                               slurm_partition=partition, slurm_array_parallelism=array_parallelism)
+    return executor
+
+
+def run_cluster_job(job: Job, runs_root: Path) -> str:
+    """What one Slurm job runs: the variant's notebook on the GPUs Slurm gave the job."""
+    return run_job(job, runs_root, pin_gpu=False)
+
+
+def submit_matrix(jobs: list[Job], executor, *, runs_root: Path | None = None, gpus_per_job: int = 1,
+                  log=print) -> dict:
+    """Submit the unfinished jobs: A0 alone first, the rest as one job array after it; {variant: submitit job}.
+
+    With several GPUs per job each variant trains data-parallel on them (nproc); A0 only evaluates and
+    gets one. On Slurm the array waits for A0's job (a dependency); submitit's local executor has no
+    dependencies, so there A0's job is waited for before the array is submitted.
+    """
+    runs_root = runs_dir(None) if runs_root is None else Path(runs_root)
+    _, todo = unfinished(jobs, runs_root, log)
+    first = [j for j in todo if j.variant == BASELINE]
+    rest = [replace(j, overrides={**j.overrides, "nproc": gpus_per_job}) if gpus_per_job > 1 else j
+            for j in todo if j.variant != BASELINE]
+    submitted = {}
+
+    def queued(variants, sjobs):  # a job takes seconds to start, so its folder says queued before it runs
+        for variant, sjob in zip(variants, sjobs):
+            mark_queued(runs_root / variant, sjob.job_id)
+            submitted[variant] = sjob
+            log(f"[{variant}] submitted as job {sjob.job_id}")
+
+    if first:
+        executor.update_parameters(gpus_per_node=1)
+        queued([BASELINE], [executor.submit(run_cluster_job, first[0], runs_root)])
+    if rest:
+        executor.update_parameters(gpus_per_node=gpus_per_job)
+        if first and executor.cluster == "slurm":
+            executor.update_parameters(
+                slurm_additional_parameters={"dependency": f"afterany:{submitted[BASELINE].job_id}"})
+        elif first:
+            submitted[BASELINE].wait()
+        queued([j.variant for j in rest], executor.map_array(run_cluster_job, rest, [runs_root] * len(rest)))
+    return submitted
+
+
+def mark_queued(folder: Path, job_id: str) -> None:
+    """Record a submitted job in its run folder (unless the job has already started writing there)."""
+    run = RunFolder(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if run.status() in ("running", *FINISHED):
+        return
+    previous = run.summary() or {}
+    write_json_atomic(folder / "summary.json", {**previous, "variant": folder.name, "status": "queued",
+                                                "job_id": job_id, "submitted": time.time()})
 
 
 def status_table(runs_root: Path | None = None) -> str:
