@@ -264,21 +264,32 @@ def rope_index_fn(model):
                       "set packing: false for this model.")
 
 
-def collate_packed(batch: list[Encoded], pad_id: int, image_token_id: int, max_length: int, rope_index) -> dict:
-    """Concatenate samples into rows of at most max_length with per-sample position ids.
-
-    Positions restart at 0 for each sample (row 0 of the (4, rows, length) position ids is the text
-    position, rows 1-3 the sample's own 3-D rope positions), and attention_mask is None: transformers
-    then detects the restarts and builds a block-diagonal causal mask, so samples never see each other.
-    """
+def pack_rows(batch: list[Encoded], max_length: int) -> list[list[Encoded]]:
+    """The samples of each packed row of at most max_length tokens (first-fit decreasing)."""
     rows: list[list[Encoded]] = []
-    for e in sorted(batch, key=lambda e: -len(e.input_ids)):  # first-fit decreasing
+    for e in sorted(batch, key=lambda e: -len(e.input_ids)):
         for row in rows:
             if sum(len(x.input_ids) for x in row) + len(e.input_ids) <= max_length:
                 row.append(e)
                 break
         else:
             rows.append([e])
+    return rows
+
+
+def collate_packed(batch: list[Encoded], pad_id: int, image_token_id: int, max_length: int, rope_index) -> dict:
+    """Concatenate samples into rows of at most max_length with per-sample position ids (see collate_rows)."""
+    return collate_rows(pack_rows(batch, max_length), pad_id, image_token_id, rope_index)
+
+
+def collate_rows(rows: list[list[Encoded]], pad_id: int, image_token_id: int, rope_index) -> dict:
+    """One packed row per list of samples, with per-sample position ids.
+
+    Positions restart at 0 for each sample (row 0 of the (4, rows, length) position ids is the text
+    position, rows 1-3 the sample's own 3-D rope positions), attention_mask is None and use_cache is
+    False: transformers then detects the restarts and builds a block-diagonal causal mask, so samples
+    never see each other.
+    """
     width = max(sum(len(x.input_ids) for x in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -299,8 +310,10 @@ def collate_packed(batch: list[Encoded], pad_id: int, image_token_id: int, max_l
             ordered.append(e)
         if col < width:  # padding continues as its own "sample" so it attends to nothing real
             pos[:, r, col:] = torch.arange(width - col)
+    # use_cache=False belongs to the batch: with a cache (the model's default, in training too) transformers
+    # skips the restart detection and the samples of a row silently attend to each other.
     out = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None,
-           "mm_token_type_ids": (ids == image_token_id).int()}
+           "mm_token_type_ids": (ids == image_token_id).int(), "use_cache": False}
     pv = [e.pixel_values for e in ordered if e.pixel_values is not None]
     if pv:
         out["pixel_values"] = torch.cat(pv)

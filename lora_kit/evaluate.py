@@ -66,20 +66,28 @@ def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int 
 
 
 @torch.no_grad()
-def mean_loss(model, encoded: list, *, batch_size: int = 16, image_token_id: int, pad_id: int) -> float:
-    """Token-weighted mean cross-entropy over the supervised (assistant) tokens of encoded samples."""
+def mean_loss(model, encoded: list, *, batch_size: int = 16, image_token_id: int, pad_id: int,
+              prefix=None) -> float:
+    """Token-weighted mean cross-entropy over the supervised (assistant) tokens of encoded samples.
+
+    `prefix` (a prefix.FrozenPrefix) computes the same loss from its cache of the frozen layers' output.
+    """
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(encoded), batch_size):
-            batch = to_device(collate_padded(encoded[start:start + batch_size], pad_id, image_token_id), model)
-            labels = batch.pop("labels")
-            logits = model(**batch, use_cache=False).logits[:, :-1]
-            target = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                     target.reshape(-1), ignore_index=IGNORE_INDEX,
-                                                     reduction="sum")
+            chunk = encoded[start:start + batch_size]
+            batch = to_device(collate_padded(chunk, pad_id, image_token_id), model)
+            target = batch["labels"][:, 1:]
+            if prefix is not None:
+                loss = prefix.loss(batch, [[e] for e in chunk], reduction="sum")
+            else:
+                labels = batch.pop("labels")
+                logits = model(**batch, use_cache=False).logits[:, :-1]
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                         target.reshape(-1), ignore_index=IGNORE_INDEX,
+                                                         reduction="sum")
             total += float(loss)
             count += int((target != IGNORE_INDEX).sum())
     finally:
@@ -193,18 +201,20 @@ def build_evalset(cfg, encoder: Encoder, files: dict[str, Path], train_samples: 
 
 
 def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | None,
-                     baseline_captions: list[str] | None, verdicts: list[dict] = ()) -> tuple[dict, list, list]:
+                     baseline_captions: list[str] | None, verdicts: list[dict] = (),
+                     prefix=None) -> tuple[dict, list, list]:
     """Every guardrail metric of one model state: (metrics record, benchmark generations, captions).
 
     Losses use one estimator (token-weighted, eval mode) for validation, the training subset and the
-    general slice, so the generalization gap compares like with like.
+    general slice, so the generalization gap compares like with like; `prefix` (the training run's
+    frozen-prefix cache) computes them without repeating the frozen layers.
     """
     from . import guardrails
 
     t0 = time.time()
     pad = encoder.tokenizer.pad_token_id
     loss = lambda data: mean_loss(model, data, batch_size=cfg.per_device_eval_batch_size,  # noqa: E731
-                                  image_token_id=encoder.image_token_id, pad_id=pad)
+                                  image_token_id=encoder.image_token_id, pad_id=pad, prefix=prefix)
     eval_loss, train_loss = loss(es.val), loss(es.train_subset)
     gens = generate(model, encoder, es.bench, batch_size=cfg.per_device_eval_batch_size,
                     max_new_tokens=cfg.max_new_tokens)

@@ -4,8 +4,8 @@
 
 The Trainer owns the loop (schedule, accumulation, checkpoints, resume, TensorBoard, multi-GPU
 launch); lora_kit adds what the study needs through the Trainer's extension points: per-tower
-optimizer groups (`create_optimizer`), correct packing (the data collator) and the guardrail
-evaluation (a `TrainerCallback`).
+optimizer groups (`create_optimizer`), correct packing (the data collator), the frozen-prefix fast
+path (`compute_loss`, see prefix.py) and the guardrail evaluation (a `TrainerCallback`).
 """
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from . import __version__, guardrails
 from .config import RunConfig
 from .augment import make_augment
 from .distributed import Ranks, init_ranks
-from .data import (AugmentedDataset, Encoded, Encoder, collate_packed, collate_padded, encode_all, read_jsonl,
-                   rope_index_fn)
+from .data import (AugmentedDataset, Encoded, Encoder, collate_padded, collate_rows, encode_all, pack_rows,
+                   read_jsonl, rope_index_fn)
 from .errors import ConfigError, LoraKitError
 from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record
 from .paths import REPO_ROOT, runs_dir
+from .prefix import FrozenPrefix, plan_prefix
 from .rundir import RunFolder
 from .targeting import TargetPlan, Towers, find_towers, plan_from_regex, plan_targets, verify_wrapped, wrapped_modules
 
@@ -101,11 +102,18 @@ def optimizer_groups(model, towers: Towers, cfg: RunConfig) -> list[dict]:
 
 
 class StudyTrainer(Trainer):
-    """The Trainer with per-tower learning rates."""
+    """The Trainer with per-tower learning rates and, given a FrozenPrefix, the frozen-prefix fast path."""
 
-    def __init__(self, *args, towers: Towers, run_cfg: RunConfig, **kwargs):
-        self.towers, self.run_cfg = towers, run_cfg
+    def __init__(self, *args, towers: Towers, run_cfg: RunConfig, prefix: FrozenPrefix | None = None, **kwargs):
+        self.towers, self.run_cfg, self.prefix = towers, run_cfg, prefix
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The model's own loss is a per-batch mean (Qwen3-VL takes no num_items_in_batch); so is the fast one.
+        rows = inputs.pop("rows", None)
+        if self.prefix is None or rows is None or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self.prefix.loss(inputs, rows)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -124,19 +132,48 @@ class StudyTrainer(Trainer):
 # ---------------------------------------------------------------- packing
 
 class Collator:
-    """Batches for training: packed rows (samples concatenated, no cross-sample attention) or padded rows."""
+    """Batches for training: packed rows (samples concatenated, no cross-sample attention) or padded rows.
 
-    def __init__(self, processor, model, packing: bool, max_length: int):
+    With `rows`, the batch also lists the samples of each row (what the frozen-prefix cache is keyed by).
+    """
+
+    def __init__(self, processor, model, packing: bool, max_length: int, rows: bool = False):
         self.pad_id = processor.tokenizer.pad_token_id
         self.image_token_id = processor.image_token_id
         self.packing = packing
         self.max_length = max_length
+        self.rows = rows
         self.rope_index = rope_index_fn(model) if packing else None
 
     def __call__(self, batch: list[Encoded]) -> dict:
-        if not self.packing:
-            return collate_padded(batch, self.pad_id, self.image_token_id)
-        return collate_packed(batch, self.pad_id, self.image_token_id, self.max_length, self.rope_index)
+        if self.packing:
+            rows = pack_rows(batch, self.max_length)
+            out = collate_rows(rows, self.pad_id, self.image_token_id, self.rope_index)
+        else:
+            rows = [[e] for e in batch]
+            out = collate_padded(batch, self.pad_id, self.image_token_id)
+        if self.rows:
+            out["rows"] = rows
+        return out
+
+
+def frozen_prefix(model, cfg: RunConfig, collator: Collator, train_data, *, world_size: int = 1,
+                  log=print) -> FrozenPrefix | None:
+    """The run's frozen-prefix fast path (prefix.py), or None; checked against the model's own loss on a
+    training batch before anything relies on it."""
+    plan = plan_prefix(model, augmentation=cfg.augmentation, world_size=world_size)
+    log(f"frozen-prefix fast path: {plan.mode} ({plan.why})")
+    prefix = FrozenPrefix(model, plan, log=log)
+    batch = collator([train_data[i] for i in range(min(len(train_data), cfg.per_device_train_batch_size))])
+    rows = batch.pop("rows")
+    diff = prefix.check(model, {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                                for k, v in batch.items()}, rows)
+    fp32 = next(model.parameters()).dtype == torch.float32
+    if not diff <= (1e-4 if fp32 else 3e-2):
+        log(f"frozen-prefix fast path off: its loss differs from the model's own by {diff:.2e} on a training batch "
+            "(an architecture or transformers version it does not know)")
+        return None
+    return prefix
 
 
 # ---------------------------------------------------------------- guardrail evaluation
@@ -156,11 +193,12 @@ class GuardrailCallback(TrainerCallback):
         self.trigger: guardrails.Trigger | None = None
         self.eval_seconds = 0.0
         self.tb = None
+        self.prefix: FrozenPrefix | None = None  # the training run's frozen-prefix cache, for the losses
 
     def evaluate(self, model, step: int, epoch: float) -> dict:
         record, gens, captions = guardrail_record(
             model, self.encoder, self.evalset, self.cfg, step=step, baseline_captions=self._baseline_captions(),
-            verdicts=self.run.verdicts())
+            verdicts=self.run.verdicts(), prefix=self.prefix)
         record["epoch"] = epoch
         record["checkpoint"] = (f"checkpoints/checkpoint-{step}" if step and step % self.cfg.save_steps == 0
                                 else None)
@@ -332,6 +370,9 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             "augmentation": {"kind": cfg.augmentation, "strength": cfg.augment_strength},
         })
         callback = GuardrailCallback(run, cfg, encoder, evalset, ranks)
+        collator = Collator(processor, model, cfg.packing, cfg.max_length, rows=True)
+        if trainable:  # before step 0, whose losses then fill the cache for every later evaluation
+            callback.prefix = frozen_prefix(model, cfg, collator, train_data, world_size=ranks.world_size, log=log)
         trainer = None
         if ranks.on_rank0(lambda: not callback.history):
             ranks.on_rank0(callback.evaluate_and_check, model, 0, 0.0)  # step 0: the baseline before any update
@@ -341,8 +382,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tb")
             trainer = StudyTrainer(
                 model=model, args=training_arguments(cfg, run.path), train_dataset=train_data,
-                data_collator=Collator(processor, model, cfg.packing, cfg.max_length),
-                callbacks=[callback], towers=towers, run_cfg=cfg)
+                data_collator=collator, callbacks=[callback], towers=towers, run_cfg=cfg, prefix=callback.prefix)
             if trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled():  # e.g. from an accelerate config
                 raise ConfigError("FSDP and DeepSpeed ZeRO-3 shard the weights across the ranks, and the guardrail "
                                   "evaluation runs on rank 0 with the whole model. Fix: launch plain data parallel, "
@@ -378,6 +418,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                         "encode_seconds": encode_seconds,
                         "eval_share": callback.eval_seconds / max(time.time() - t_start, 1e-9)},
             "skipped_samples": len(skipped_train) + len(skipped_val),
+            "fast_path": callback.prefix.stats() if callback.prefix else None,
         }
         run.finish(summary)
         log(f"{cfg.variant_name}: {status}" + (f" ({trig.name} at step {trig.step})" if trig else "")

@@ -89,7 +89,9 @@ def test_undecodable_image_and_too_long_sample(tmp_path, processor):
 
 def test_packed_and_padded_batches_give_the_same_loss(toy_ckpt, processor, mini_world):
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(toy_ckpt).eval()
+    # train mode, as the Trainer calls it: the model's default use_cache=True would let a packed row's
+    # samples attend to each other, so the packed batch itself carries use_cache=False
+    model = AutoModelForImageTextToText.from_pretrained(toy_ckpt).train()
     samples, _ = read_jsonl(mini_world / "pretrain.jsonl")
     enc = Encoder(processor, 512)
     batch = [enc.encode(s) for s in samples[:6]]  # images, text-only and repeated-image samples mixed
@@ -99,7 +101,7 @@ def test_packed_and_padded_batches_give_the_same_loss(toy_ckpt, processor, mini_
     assert packed["input_ids"].shape[0] < len(batch)  # several samples share a row
     with torch.no_grad():
         loss_padded = model(**padded, use_cache=False).loss
-        loss_packed = model(**packed, use_cache=False).loss
+        loss_packed = model(**packed).loss
         # per-sample: each sample alone
         losses = []
         for e in batch:
@@ -122,6 +124,6 @@ def test_packing_without_position_restarts_would_leak(toy_ckpt, processor, mini_
     naive.pop("position_ids")
     naive["attention_mask"] = torch.ones_like(packed["input_ids"])
     with torch.no_grad():
-        good = model(**packed, use_cache=False).loss.item()
-        leaky = model(**naive, use_cache=False).loss.item()
+        good = model(**packed).loss.item()
+        leaky = model(**naive).loss.item()
     assert abs(good - leaky) > 1e-3

@@ -1,0 +1,356 @@
+"""The frozen-prefix fast path: what the frozen layers at the input end compute, once per sample.
+
+LoRA on the last N decoder layers and the last M vision blocks leaves everything before them frozen,
+and a frozen layer without dropout gives the same output for the same input at every step. So:
+
+- `llm` (A variants: the vision tower, the aligner and decoder layers before the first LoRA layer
+  frozen): the hidden state entering the first trained decoder layer is computed once per sample and
+  cached; every step runs only the trained decoder layers.
+- `vision` (B and C variants, or A variants whose trained layers reach the deepstack layers): the
+  output of the frozen vision blocks (all of them when the tower is frozen) and the deepstack
+  features tapped among them are cached per image; every step runs the trained vision blocks, the
+  merger and the decoder.
+- `none`: nothing cached (image augmentation draws new pixels at every step, dropout inside the
+  frozen part, several processes, a model that is not Qwen3-VL-shaped).
+
+In every case only the supervised positions go through lm_head (the loss needs no other logits).
+The cache is keyed by the sample's source and token ids, so an augmented or re-encoded sample never
+hits a stale entry; it lives in CPU memory and stops growing at half of the memory available when the
+run started. `FrozenPrefix.check` compares the fast loss with the model's own on a real batch before
+training relies on it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .data import IGNORE_INDEX, Encoded, collate_padded
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    """Which frozen prefix a run caches: `mode` is llm, vision or none; `why` says why, for the log."""
+
+    mode: str
+    llm_start: int | None = None   # llm: first decoder layer run at every step
+    vit_start: int | None = None   # vision: first vision block run at every step (depth: the whole tower cached)
+    why: str = ""
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "llm_start": self.llm_start, "vit_start": self.vit_start, "why": self.why}
+
+
+def core_model(model):
+    """The Hugging Face model under a peft wrapper (LoRA layers are injected in place, so it runs them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _trains(module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _has_dropout(modules) -> bool:
+    """A module whose training-mode output is random: an active nn.Dropout or attention dropout."""
+    for m in modules:
+        for sub in m.modules():
+            if isinstance(sub, torch.nn.Dropout) and sub.p > 0:
+                return True
+            if float(getattr(sub, "attention_dropout", 0.0) or 0.0) > 0:
+                return True
+    return False
+
+
+def plan_prefix(model, *, augmentation: str = "none", world_size: int = 1) -> PrefixPlan:
+    """The largest frozen prefix of this LoRA-wrapped model that can be cached, read from requires_grad."""
+    core = core_model(model)
+    inner = getattr(core, "model", None)
+    visual = getattr(inner, "visual", None)
+    text = getattr(inner, "language_model", None)
+    if not all(hasattr(visual, a) for a in ("blocks", "merger", "deepstack_visual_indexes", "deepstack_merger_list")) \
+            or not all(hasattr(text, a) for a in ("layers", "rotary_emb", "norm", "embed_tokens")) \
+            or not hasattr(core, "lm_head"):
+        return PrefixPlan("none", why="not a Qwen3-VL-shaped model (visual.blocks, deepstack, language_model.layers)")
+    if world_size > 1:
+        return PrefixPlan("none", why=f"{world_size} processes: the fast path would call the model around DDP")
+    if augmentation != "none":
+        return PrefixPlan("none", why=f"augmentation={augmentation} draws new pixels at every step, so no image "
+                                      "feature is ever reused")
+    blocks, layers = list(visual.blocks), list(text.layers)
+    vit_start = next((i for i, b in enumerate(blocks) if _trains(b)), len(blocks))
+    llm_start = next((i for i, l in enumerate(layers) if _trains(l)), len(layers))
+    aligner = [visual.merger, *visual.deepstack_merger_list]
+    before_blocks = [m for name, m in visual.named_children() if name not in ("blocks", "merger", "deepstack_merger_list")]
+    if any(_trains(m) for m in before_blocks):
+        return PrefixPlan("none", why="the patch embedding trains, so nothing in the vision tower is frozen")
+    if any(_trains(m) for m in aligner):
+        return PrefixPlan("none", why="the aligner trains (modules_to_save), so vision features change every step")
+    if vit_start == len(blocks) and not _trains(text.embed_tokens) and llm_start >= len(visual.deepstack_visual_indexes) \
+            and not _has_dropout(blocks + layers[:llm_start]):
+        return PrefixPlan("llm", llm_start=llm_start,
+                          why=f"vision tower and decoder layers 0-{llm_start - 1} frozen: their output is cached "
+                              "per sample")
+    if vit_start == 0:
+        return PrefixPlan("none", why="the first vision block trains: no frozen prefix")
+    if _has_dropout(blocks[:vit_start]):
+        return PrefixPlan("none", why="dropout inside the frozen vision blocks makes their output random")
+    return PrefixPlan("vision", vit_start=vit_start,
+                      why=f"vision blocks 0-{vit_start - 1} frozen: their output and deepstack taps are cached per image")
+
+
+# ---------------------------------------------------------------- running parts of the model
+
+class _Stop(Exception):
+    """Raised by a pre-hook to end a forward pass once the prefix output is captured."""
+
+
+def _run_until(module, run) -> torch.Tensor:
+    """The hidden states entering `module` during `run()`, which is cut short there."""
+    captured = {}
+
+    def hook(_mod, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def decoder_suffix(text, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, start: int) -> torch.Tensor:
+    """Decoder layers start.. and the final norm, as Qwen3VLTextModel.forward runs them without a cache."""
+    from transformers.masking_utils import create_causal_mask
+
+    if position_ids.shape[0] == 4:  # packed rows: row 0 holds the per-sample text positions
+        text_positions, rope_positions = position_ids[0], position_ids[1:]
+    else:
+        text_positions, rope_positions = None, position_ids
+    mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                              position_ids=text_positions)
+    position_embeddings = text.rotary_emb(hidden, rope_positions)
+    for layer in text.layers[start:]:
+        hidden = layer(hidden, attention_mask=mask, position_ids=text_positions,
+                       position_embeddings=position_embeddings)
+    return text.norm(hidden)
+
+
+def vision_suffix(visual, hidden: torch.Tensor, grid_thw: torch.Tensor, start: int,
+                  taps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Vision blocks start.., the deepstack taps among them and the merger, as Qwen3VLVisionModel.forward
+    runs them. `taps` are the deepstack features of the frozen blocks; returns (merged, all taps)."""
+    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+
+    positions = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
+    cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, visual.config)
+    position_embeddings = visual.rotary_pos_emb(hidden, positions)
+    taps = list(taps)
+    for i in range(start, len(visual.blocks)):
+        hidden = visual.blocks[i](hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                  position_embeddings=position_embeddings)
+        if i in visual.deepstack_visual_indexes:
+            taps.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(i)](hidden))
+    return visual.merger(hidden), taps
+
+
+def supervised_loss(lm_head, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    """Cross-entropy of the next token where a label is supervised, with logits only at those positions.
+
+    The model's own loss (shift, ignore -100, float logits, mean over supervised tokens) computed from
+    hidden states instead of the logits of every position.
+    """
+    target = labels[:, 1:]
+    keep = target != IGNORE_INDEX
+    logits = lm_head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep], reduction=reduction)
+
+
+# ---------------------------------------------------------------- the cache
+
+def _key(e: Encoded) -> tuple:
+    return (e.source, len(e.input_ids), hash(tuple(e.input_ids)))
+
+
+def _available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+class FrozenPrefix:
+    """The cache of one run's frozen prefix and the forward pass that uses it (see the module docstring)."""
+
+    def __init__(self, model, plan: PrefixPlan, *, max_bytes: int | None = None, log=print):
+        self.plan = plan
+        self.cache: dict[tuple, object] = {}
+        self.bytes = 0
+        self.max_bytes = _available_bytes() // 2 if max_bytes is None else max_bytes
+        self.hits = self.misses = 0
+        self.log = log
+        core = core_model(model)
+        self.lm_head, self.inner = core.lm_head, core.model
+
+    # ---- public
+
+    def loss(self, batch: dict, rows: list[list[Encoded]], reduction: str = "mean") -> torch.Tensor:
+        """The batch's loss (labels in `batch`); `rows` are the samples of each batch row, in order."""
+        return supervised_loss(self.lm_head, self.last_hidden(batch, rows), batch["labels"], reduction)
+
+    def last_hidden(self, batch: dict, rows: list[list[Encoded]]) -> torch.Tensor:
+        """The decoder's final (normed) hidden states of the batch, through the cheapest exact route."""
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "use_cache")}
+        if self.plan.mode == "llm":
+            return self._llm_route(inputs, rows)
+        if self.plan.mode == "vision" and inputs.get("pixel_values") is not None:
+            images = self._vision_outputs(inputs, rows)
+            inputs.pop("pixel_values")
+            return self.inner(**inputs, mm_encoder_outputs={"image": images}, use_cache=False).last_hidden_state
+        return self.inner(**inputs, use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def check(self, model, batch: dict, rows: list[list[Encoded]]) -> float:
+        """|fast loss - the model's own loss| on one batch, in eval mode (no dropout)."""
+        was_training = model.training
+        model.eval()
+        try:
+            plain = float(model(**{**batch, "use_cache": False}).loss)
+            fast = float(self.loss(batch, rows))
+        finally:
+            model.train(was_training)
+        return abs(fast - plain)
+
+    def stats(self) -> dict:
+        return {**self.plan.as_dict(), "entries": len(self.cache), "bytes": self.bytes, "hits": self.hits,
+                "misses": self.misses}
+
+    # ---- llm: hidden states entering decoder layer llm_start, per sample
+
+    def _llm_route(self, inputs: dict, rows: list[list[Encoded]]) -> torch.Tensor:
+        text = self.inner.language_model
+        start = self.plan.llm_start
+        found = self._lookup([e for row in rows for e in row], self._llm_prefix)
+        width = inputs["input_ids"].shape[1]
+        first = next(iter(found.values()))
+        hidden = first.new_zeros((len(rows), width, first.shape[-1]))
+        for r, row in enumerate(rows):
+            col = 0
+            for e in row:
+                n = len(e.input_ids)
+                hidden[r, col:col + n] = found[_key(e)]
+                col += n
+        position_ids = inputs.get("position_ids")
+        if position_ids is None:  # padded rows: the model's own multimodal rope positions
+            position_ids, _ = self.inner.get_rope_index(inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                                                        attention_mask=inputs.get("attention_mask"),
+                                                        mm_token_type_ids=inputs.get("mm_token_type_ids"))
+        return decoder_suffix(text, hidden, position_ids, inputs.get("attention_mask"), start)
+
+    @torch.no_grad()
+    def _llm_prefix(self, samples: list[Encoded]) -> list[torch.Tensor]:
+        text = self.inner.language_model
+        start = self.plan.llm_start
+        target = text.layers[start] if start < len(text.layers) else text.norm
+        # right padding: real tokens never attend to the pads, so the pad id does not matter
+        batch = collate_padded(samples, pad_id=0, image_token_id=self.inner.config.image_token_id)
+        batch.pop("labels")
+        device = self.lm_head.weight.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = _run_until(target, lambda: self.inner(**batch, use_cache=False))
+        return [hidden[i, :len(e.input_ids)] for i, e in enumerate(samples)]  # right padding: real tokens first
+
+    # ---- vision: output of the frozen vision blocks and their deepstack taps, per image
+
+    def _vision_outputs(self, inputs: dict, rows: list[list[Encoded]]):
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        visual = self.inner.visual
+        samples = [e for row in rows for e in row if e.pixel_values is not None]
+        found = self._lookup(samples, self._vision_prefix)
+        parts = [found[_key(e)] for e in samples]
+        hidden = torch.cat([p[0] for p in parts])
+        taps = [torch.cat([p[1][k] for p in parts]) for k in range(len(parts[0][1]))]
+        grid = inputs["image_grid_thw"]
+        if self.plan.vit_start < len(visual.blocks):
+            merged, taps = vision_suffix(visual, hidden, grid, self.plan.vit_start, taps)
+        else:
+            merged = hidden  # the whole tower is frozen: the cache holds the merger's output
+        split = (grid.prod(-1) // visual.spatial_merge_size ** 2).tolist()
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=torch.split(merged, split),
+                                                    deepstack_features=[torch.split(t, split) for t in taps])
+
+    @torch.no_grad()
+    def _vision_prefix(self, samples: list[Encoded]) -> list[tuple]:
+        """Per sample: (its images' hidden states, [deepstack taps]) after the frozen blocks."""
+        visual = self.inner.visual
+        device = self.lm_head.weight.device
+        pixels = torch.cat([e.pixel_values for e in samples]).to(device, visual.dtype)
+        grid = torch.cat([e.image_grid_thw for e in samples]).to(device)
+        start = self.plan.vit_start
+        tokens = [int(e.image_grid_thw.prod(-1).sum()) // visual.spatial_merge_size ** 2 for e in samples]
+        if start == len(visual.blocks):  # the whole tower: the merger's output per image token
+            out = self.inner.get_image_features(pixels, grid, return_dict=True)
+            hidden, taps = torch.cat(out.pooler_output), [torch.cat(t) for t in out.deepstack_features]
+            sizes = tokens
+        else:  # the input of block `start` per patch, and the deepstack taps before it per image token
+            taps = []
+            hooks = [visual.deepstack_merger_list[k].register_forward_hook(lambda _m, _a, out: taps.append(out))
+                     for k, i in enumerate(visual.deepstack_visual_indexes) if i < start]
+            try:
+                hidden = _run_until(visual.blocks[start], lambda: visual(pixels, grid_thw=grid))
+            finally:
+                for h in hooks:
+                    h.remove()
+            sizes = [int(e.image_grid_thw.prod(-1).sum()) for e in samples]
+        hs = torch.split(hidden, sizes)
+        ts = [torch.split(t, tokens) for t in taps]
+        return [(hs[i], [t[i] for t in ts]) for i in range(len(samples))]
+
+    # ---- storage
+
+    def _lookup(self, samples: list[Encoded], compute) -> dict:
+        """Cached entries of the samples, computing the missing ones (in one batch) and storing them."""
+        device = self.lm_head.weight.device
+        missing = list({_key(e): e for e in samples if _key(e) not in self.cache}.values())
+        self.hits += len(samples) - len(missing)
+        self.misses += len(missing)
+        found = {}
+        if missing:
+            for e, value in zip(missing, compute(missing)):
+                found[_key(e)] = value
+                self._store(_key(e), value)
+        for e in samples:
+            if _key(e) not in found:
+                found[_key(e)] = _to(self.cache[_key(e)], device)
+        return found
+
+    def _store(self, key, value) -> None:
+        size = sum(t.numel() * t.element_size() for t in _tensors(value))
+        if self.bytes + size > self.max_bytes:
+            if self.bytes <= self.max_bytes:  # say it once
+                self.log(f"frozen-prefix cache full ({self.bytes / 2**20:.0f} MiB): further samples are computed "
+                         "at every step")
+                self.bytes = self.max_bytes + 1
+            return
+        self.cache[key] = _to(value, "cpu", clone=True)
+        self.bytes += size
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [t for v in value for t in _tensors(v)]
+
+
+def _to(value, device, clone: bool = False):
+    if isinstance(value, torch.Tensor):
+        out = value.to(device)
+        return out.clone() if clone and out.data_ptr() == value.data_ptr() else out
+    if isinstance(value, tuple):
+        return tuple(_to(v, device, clone) for v in value)
+    return [_to(v, device, clone) for v in value]

@@ -1,0 +1,105 @@
+"""The frozen-prefix fast path gives the model's own loss and gradients, from a cache that stays valid."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_kit.config import RunConfig
+from lora_kit.data import Encoder, read_jsonl
+from lora_kit.evaluate import mean_loss
+from lora_kit.prefix import FrozenPrefix, plan_prefix
+from lora_kit.train import Collator, attach_lora
+from lora_kit.targeting import find_towers, plan_targets
+
+# The default toy: 8 decoder layers, 12 vision blocks, deepstack taps after vision blocks 1, 3, 5 that
+# are added after decoder layers 0, 1, 2.
+LAYERS, BLOCKS, TAPS = 8, 12, 3
+
+
+def lora_model(toy_ckpt, llm_last: int, vit_last: int):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    processor = AutoProcessor.from_pretrained(toy_ckpt)
+    model = AutoModelForImageTextToText.from_pretrained(toy_ckpt)
+    towers = find_towers(model)
+    cfg = RunConfig(model=str(toy_ckpt), profile="none", llm_last=llm_last, vit_last=vit_last, lora_dropout=0.0)
+    model, _ = attach_lora(model, plan_targets(towers, llm_last, vit_last), towers, cfg)
+    for name, p in model.named_parameters():  # B starts at zero; give every LoRA factor a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.train(), processor
+
+
+@pytest.fixture(scope="module")
+def encoded(toy_ckpt, mini_world):
+    from transformers import AutoProcessor
+
+    samples, _ = read_jsonl(mini_world / "task_train.jsonl")
+    encoder = Encoder(AutoProcessor.from_pretrained(toy_ckpt), 256)
+    return [encoder.encode(s) for s in samples[:6]]
+
+
+@pytest.mark.parametrize("llm_last, vit_last, mode, llm_start, vit_start", [
+    (2, 0, "llm", LAYERS - 2, None),             # A1: everything before decoder layer 6 is cached
+    (0, 6, "vision", None, BLOCKS - 6),          # B3: vision blocks 0-5 (all deepstack taps) cached
+    (2, 4, "vision", None, BLOCKS - 4),          # C2
+    (6, 0, "vision", None, BLOCKS),              # decoder LoRA reaches the deepstack layers: vision output only
+])
+def test_plan_follows_what_trains(toy_ckpt, llm_last, vit_last, mode, llm_start, vit_start):
+    model, _ = lora_model(toy_ckpt, llm_last, vit_last)
+    plan = plan_prefix(model)
+    assert (plan.mode, plan.llm_start, plan.vit_start) == (mode, llm_start, vit_start)
+    assert plan_prefix(model, augmentation="crop_jitter").mode == "none"  # new pixels every step
+    assert plan_prefix(model, world_size=2).mode == "none"
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("llm_last, vit_last", [(2, 0), (0, 6), (2, 4), (6, 0)])
+@pytest.mark.parametrize("packing", [True, False])
+def test_fast_loss_and_gradients_equal_the_models_own(toy_ckpt, encoded, llm_last, vit_last, packing):
+    model, processor = lora_model(toy_ckpt, llm_last, vit_last)
+    collate = Collator(processor, model, packing, 256, rows=True)
+    prefix = FrozenPrefix(model, plan_prefix(model))
+    assert prefix.plan.mode != "none"
+    for step, batch_samples in enumerate((encoded[:4], encoded[2:6])):  # the second batch hits the cache twice
+        batch = collate(batch_samples)
+        rows = batch.pop("rows")
+        model.zero_grad()
+        plain = model(**batch).loss
+        plain.backward()
+        plain_grads = _grads(model)
+        model.zero_grad()
+        fast = prefix.loss(batch, rows)
+        fast.backward()
+        assert float(fast.detach()) == pytest.approx(float(plain.detach()), rel=1e-5, abs=1e-6)
+        for name, g in _grads(model).items():
+            torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        with torch.no_grad():  # an optimizer step: the trained layers change, the cached prefix stays valid
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+    assert prefix.hits == 2 and prefix.misses == 6  # samples 2 and 3 came from the cache
+
+
+def test_evaluation_loss_from_the_cache_equals_the_plain_one(toy_ckpt, encoded):
+    model, processor = lora_model(toy_ckpt, 2, 0)
+    args = {"batch_size": 4, "image_token_id": processor.image_token_id, "pad_id": processor.tokenizer.pad_token_id}
+    prefix = FrozenPrefix(model, plan_prefix(model))
+    plain = mean_loss(model, encoded, **args)
+    assert mean_loss(model, encoded, prefix=prefix, **args) == pytest.approx(plain, rel=1e-5)
+    assert mean_loss(model, encoded, prefix=prefix, **args) == pytest.approx(plain, rel=1e-5)  # from the cache
+    assert prefix.hits == len(encoded) and model.training  # evaluation restores training mode
+
+
+def test_a_full_cache_still_gives_the_right_loss(toy_ckpt, encoded):
+    model, processor = lora_model(toy_ckpt, 2, 4)
+    batch = Collator(processor, model, True, 256, rows=True)(encoded[:4])
+    rows = batch.pop("rows")
+    prefix = FrozenPrefix(model, plan_prefix(model), max_bytes=0, log=lambda *_: None)
+    with torch.no_grad():
+        assert float(prefix.loss(batch, rows)) == pytest.approx(float(model(**batch).loss), rel=1e-5)
+    assert prefix.cache == {} and prefix.bytes > prefix.max_bytes
