@@ -16,20 +16,32 @@ from lora_kit.paths import NOTEBOOKS_DIR, REPO_ROOT
 
 from test_train import tiny_params
 
-# lora_kit's CLI with the training collator recording, per rank, which samples each batch holds.
+# lora_kit's CLI with the Trainer's collator recording, per rank, which samples each training batch holds.
 SPY = '''
 import json, os, sys
 from lora_kit import train
 from lora_kit.__main__ import main
 
-collate = train.Collator.__call__
 
-def spy(self, batch):
-    with open(os.path.join(os.environ["SPY_DIR"], "rank" + os.environ.get("RANK", "0") + ".jsonl"), "a") as f:
-        f.write(json.dumps([e.source for e in batch]) + "\\n")
-    return collate(self, batch)
+class Recording:
+    def __init__(self, collator):
+        self.collator = collator
 
-train.Collator.__call__ = spy
+    def __getattr__(self, name):
+        return getattr(self.collator, name)
+
+    def __call__(self, batch):
+        with open(os.path.join(os.environ["SPY_DIR"], "rank" + os.environ.get("RANK", "0") + ".jsonl"), "a") as f:
+            f.write(json.dumps([e.source for e in batch]) + "\\n")
+        return self.collator(batch)
+
+
+init = train.StudyTrainer.__init__
+
+def spy(self, *args, data_collator, **kwargs):
+    init(self, *args, data_collator=Recording(data_collator), **kwargs)
+
+train.StudyTrainer.__init__ = spy
 sys.exit(main(sys.argv[1:]))
 '''
 
