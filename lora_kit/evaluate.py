@@ -238,6 +238,7 @@ def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_mod
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from .device import compute_device, compute_dtype
     from .errors import ConfigError
     from .toy import resolve_model
 
@@ -248,20 +249,22 @@ def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_mod
         if base is None and recorded and Path(recorded).is_dir():
             base = recorded
         base_path = resolve_model(base or default_model)
-        model = AutoModelForImageTextToText.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=compute_dtype(),
+                                                            trust_remote_code=trust_remote_code)
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, checkpoint)
     elif (checkpoint / "config.json").is_file():
         base_path = checkpoint
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=compute_dtype(),
+                                                            trust_remote_code=trust_remote_code)
     else:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} holds neither adapter_config.json (a peft adapter) nor "
                           "config.json (a full model); point it at a checkpoint folder.")
     processor_dir = checkpoint if (checkpoint / "preprocessor_config.json").exists() or \
         (checkpoint / "processor_config.json").exists() else base_path
     processor = AutoProcessor.from_pretrained(processor_dir, trust_remote_code=trust_remote_code)
-    return model.eval(), processor, base_path
+    return model.to(compute_device()).eval(), processor, base_path
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg, *, base: str | None = None, files: dict | None = None,

@@ -25,6 +25,7 @@ from .augment import make_augment
 from .distributed import Ranks, init_ranks
 from .data import (AugmentedDataset, Encoded, Encoder, collate_padded, collate_rows, encode_all, pack_rows,
                    read_jsonl, rope_index_fn)
+from .device import compute_device, compute_dtype
 from .errors import ConfigError, LoraKitError
 from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record
 from .paths import REPO_ROOT, runs_dir
@@ -43,9 +44,10 @@ def load_base(cfg: RunConfig):
 
     path = resolve_model(cfg.model)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    return path, processor, model
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=compute_dtype(),
+                                                        trust_remote_code=cfg.trust_remote_code)
+    # On the GPU before the step-0 evaluation (the Trainer would move it only later, at its creation)
+    return path, processor, model.to(compute_device())
 
 
 def attach_lora(model, plan: TargetPlan, towers: Towers, cfg: RunConfig):

@@ -133,3 +133,16 @@ def test_evaluation_moves_its_batches_to_the_models_device(toy_ckpt, mini_world)
         with pytest.raises(InterruptedError):
             run(spy)
         assert "pixel_values" in spy.seen and set(spy.seen.values()) == {torch.device("meta")}
+
+
+def test_runs_compute_on_this_process_gpu_when_there_is_one(monkeypatch):
+    from lora_kit.device import compute_device, compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device() == torch.device("cpu") and compute_dtype() == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second process of torchrun on this node
+    assert compute_device() == torch.device("cuda", 1) and compute_dtype() == torch.bfloat16
+    monkeypatch.delenv("LOCAL_RANK")
+    assert compute_device() == torch.device("cuda", 0)
