@@ -111,6 +111,23 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_bench, table
+    from .config import parse_set
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = run_bench(variants=args.variants or ("A1", "B3", "C2"), files=args.file, overrides=parse_set(args.set),
+                       toy_dir=Path(args.toy_dir) if args.toy_dir else None, random_init=args.random_init,
+                       samples=args.samples, epochs=args.epochs, repeats=args.repeats,
+                       generation=not args.no_generation, eval_share=not args.no_eval_share, out=args.out)
+    print(table(result))
+    print(f"written to {result['written_to']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -176,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-root", default=None)
     p.add_argument("--out-dir", default=None)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("bench", help="lora_kit against the plain peft + Trainer recipe, side by side (make bench)")
+    p.add_argument("variants", nargs="*", help="study variants to train (default: A1 B3 C2)")
+    p.add_argument("-f", "--file", action="append", default=[], help="params YAML for every variant (model, data)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every variant")
+    p.add_argument("--toy-dir", default=None, help="a built toy folder (stage3/, init/, world/) instead of the "
+                                                   "default toy, e.g. outputs/toy/<key>")
+    p.add_argument("--random-init", action="store_true", help="the toy's randomly initialised checkpoint (speed only "
+                                                              "needs the shapes; builds no pretrained toy)")
+    p.add_argument("--samples", type=int, default=96, help="training samples per arm (a subset of train_file)")
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over them (the stage-3 default is 3)")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions per arm; medians are reported")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-generation", action="store_true", help="skip batched-vs-sequential generation")
+    p.add_argument("--no-eval-share", action="store_true", help="skip the default run's evaluation share")
+    p.add_argument("--out", default=None, help="JSON path (default outputs/bench/bench.json, table beside it)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="what `make demo` runs")
     p.set_defaults(func=cmd_demo)

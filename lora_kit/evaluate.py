@@ -212,22 +212,32 @@ def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | N
     from . import guardrails
 
     t0 = time.time()
+    parts: dict[str, float] = {}  # seconds per part, for the benchmark's profile of an evaluation
+
+    def timed(part, fn, *args):
+        t = time.time()
+        out = fn(*args)
+        parts[part] = parts.get(part, 0.0) + time.time() - t
+        return out
+
     pad = encoder.tokenizer.pad_token_id
-    loss = lambda data: mean_loss(model, data, batch_size=cfg.per_device_eval_batch_size,  # noqa: E731
-                                  image_token_id=encoder.image_token_id, pad_id=pad, prefix=prefix)
+    loss = lambda data: timed("losses", lambda: mean_loss(  # noqa: E731
+        model, data, batch_size=cfg.per_device_eval_batch_size, image_token_id=encoder.image_token_id, pad_id=pad,
+        prefix=prefix))
     eval_loss, train_loss = loss(es.val), loss(es.train_subset)
-    gens = generate(model, encoder, es.bench, batch_size=cfg.per_device_eval_batch_size,
-                    max_new_tokens=cfg.max_new_tokens)
+    gens = timed("benchmark", lambda: generate(model, encoder, es.bench, batch_size=cfg.per_device_eval_batch_size,
+                                               max_new_tokens=cfg.max_new_tokens))
     record = {"step": step, "eval_loss": eval_loss, "train_loss": train_loss, "gap": eval_loss - train_loss,
               "general_loss": loss(es.general)}
     record |= benchmark_metrics(es.bench, gens, es.terms, cfg.irrelevant_label)
-    captions = caption_answers(model, encoder, es.spotcheck, cfg)
-    record["crop"] = crop_consistency(model, encoder, es.crops, cfg) if es.crops else None
+    captions = timed("captions", caption_answers, model, encoder, es.spotcheck, cfg)
+    record["crop"] = timed("crops", crop_consistency, model, encoder, es.crops, cfg) if es.crops else None
     record["captions"] = captions  # the caption baseline of later runs when this is A0's step 0
     record["caption"] = guardrails.caption_sanity(
         captions, baseline_captions if baseline_captions is not None else captions, es.terms,
         manual=list(verdicts), chrf_min=cfg.caption_chrf_min,
         checkpoint=f"checkpoint-{step}" if step is not None else None)
+    record["eval_parts"] = parts
     record["eval_seconds"] = time.time() - t0
     return record, gens, captions
 

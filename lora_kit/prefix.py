@@ -232,27 +232,26 @@ class FrozenPrefix:
     # ---- llm: hidden states entering decoder layer llm_start, per sample
 
     def _llm_route(self, inputs: dict, rows: list[list[Encoded]]) -> torch.Tensor:
-        text = self.inner.language_model
-        start = self.plan.llm_start
         found = self._lookup([e for row in rows for e in row], self._llm_prefix)
         width = inputs["input_ids"].shape[1]
-        first = next(iter(found.values()))
-        hidden = first.new_zeros((len(rows), width, first.shape[-1]))
+        hidden0, _ = next(iter(found.values()))
+        hidden = hidden0.new_zeros((len(rows), width, hidden0.shape[-1]))
+        positions = torch.zeros((3, len(rows), width), dtype=torch.long, device=hidden.device)
         for r, row in enumerate(rows):
             col = 0
             for e in row:
                 n = len(e.input_ids)
-                hidden[r, col:col + n] = found[_key(e)]
+                hidden[r, col:col + n], positions[:, r, col:col + n] = found[_key(e)]
                 col += n
+        # packed rows bring their per-sample positions; padded rows get each sample's own rope positions
+        # from the cache (what get_rope_index gives a right-padded batch, without recomputing it per step)
         position_ids = inputs.get("position_ids")
-        if position_ids is None:  # padded rows: the model's own multimodal rope positions
-            position_ids, _ = self.inner.get_rope_index(inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"),
-                                                        attention_mask=inputs.get("attention_mask"),
-                                                        mm_token_type_ids=inputs.get("mm_token_type_ids"))
-        return decoder_suffix(text, hidden, position_ids, inputs.get("attention_mask"), start)
+        return decoder_suffix(self.inner.language_model, hidden, positions if position_ids is None else position_ids,
+                              inputs.get("attention_mask"), self.plan.llm_start)
 
     @torch.no_grad()
-    def _llm_prefix(self, samples: list[Encoded]) -> list[torch.Tensor]:
+    def _llm_prefix(self, samples: list[Encoded]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sample: (hidden states entering decoder layer llm_start, its 3-D rope positions)."""
         text = self.inner.language_model
         start = self.plan.llm_start
         target = text.layers[start] if start < len(text.layers) else text.norm
@@ -261,8 +260,12 @@ class FrozenPrefix:
         batch.pop("labels")
         device = self.lm_head.weight.device
         batch = {k: v.to(device) for k, v in batch.items()}
-        hidden = _run_until(target, lambda: self.inner(**batch, use_cache=False))
-        return [hidden[i, :len(e.input_ids)] for i, e in enumerate(samples)]  # right padding: real tokens first
+        positions, _ = self.inner.get_rope_index(batch["input_ids"], image_grid_thw=batch.get("image_grid_thw"),
+                                                 attention_mask=batch["attention_mask"],
+                                                 mm_token_type_ids=batch["mm_token_type_ids"])
+        hidden = _run_until(target, lambda: self.inner(**batch, position_ids=positions, use_cache=False))
+        return [(hidden[i, :len(e.input_ids)], positions[:, i, :len(e.input_ids)])  # right padding: real tokens first
+                for i, e in enumerate(samples)]
 
     # ---- vision: output of the frozen vision blocks and their deepstack taps, per image
 

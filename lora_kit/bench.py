@@ -1,0 +1,318 @@
+"""`python -m lora_kit bench`: lora_kit against the plain peft + Trainer recipe, side by side in one process.
+
+Training, per variant: the reference is what a user writes from the peft and Trainer docs: LoRA through
+`get_peft_model` with the same target regex, a plain `Trainer`, padded batches, no gradient
+checkpointing, no caching. lora_kit is `StudyTrainer` with its collator and its frozen-prefix fast path,
+exactly as `train()` builds them. Both arms get the same base weights, pre-encoded samples (encoding is
+not timed in either), sample order, seed, per-tower learning rates (the reference through the Trainer's
+documented `optimizers=` argument), schedule and number of samples; repetitions alternate the arms and
+the medians are reported, so the machine's load falls on both alike.
+
+Evaluation: batched generation against one prompt at a time on the guardrail benchmark, and the share of
+a default run's wall time that its guardrail evaluations take (a real `train()` of one variant).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .config import RunConfig, load_config
+from .data import Encoder, collate_padded, read_jsonl
+from .evaluate import build_evalset, generate, mean_loss
+from .paths import PARAMS_DIR, outputs_dir
+
+VARIANTS = ("A1", "B3", "C2")
+
+
+# ---------------------------------------------------------------- configuration
+
+def bench_config(variant: str, files: list[str], overrides: dict, toy_dir: Path | None, random_init: bool) -> RunConfig:
+    """The variant's RunConfig as `train` would resolve it, pointed at a built toy folder when given."""
+    overrides = dict(overrides)
+    files = list(files)
+    if toy_dir is None and random_init and overrides.get("model", "toy") in ("toy", "toy-stage2"):
+        from .toy import init_dir
+
+        toy_dir = init_dir().parent  # builds only the toy world and the random checkpoint when missing
+    if toy_dir is not None:  # a toy folder (stage3/, init/, world/) in place of the default toy's key
+        world = toy_dir / "world"
+        overrides = {"model": str(toy_dir / ("init" if random_init else "stage3")), "profile": "none",
+                     "train_file": str(world / "task_train.jsonl"), "val_file": str(world / "task_val.jsonl"),
+                     "bench_file": str(world / "bench.jsonl"), "general_file": str(world / "general_eval.jsonl"),
+                     "spotcheck_file": str(world / "spotcheck.jsonl"), "terms_file": str(world / "terms.json"),
+                     **overrides}
+        files = [str(PARAMS_DIR / "profiles" / "toy.yaml"), *files]
+    return load_config([*files, str(PARAMS_DIR / f"{variant}.yaml")], overrides, overrides_source="--set")
+
+
+def resolve(cfg: RunConfig) -> tuple[Path, dict[str, Path]]:
+    """(model folder, data files) of a config."""
+    from .toy import resolve_model
+    from .train import data_files
+
+    return resolve_model(cfg.model), data_files(cfg)
+
+
+# ---------------------------------------------------------------- measuring one arm
+
+class PeakRSS:
+    """Peak resident memory growth of this process while the block runs (sampled every 10 ms; CPU runs)."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.start = self.peak = self.proc.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.growth = self.peak - self.start
+
+
+class CountingCollator:
+    """A collator that also counts the supervised tokens it hands out."""
+
+    def __init__(self, collate):
+        self.collate, self.tokens = collate, 0
+
+    def __call__(self, batch):
+        self.tokens += sum(e.n_supervised for e in batch)
+        return self.collate(batch)
+
+
+class EpochClock(TrainerCallback):
+    """Notes when each epoch ends: the epochs after the first show the frozen-prefix cache's steady state."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+def _args(cfg: RunConfig, out: Path):
+    """The Trainer arguments both arms share: lora_kit's own, without checkpoints and logging files."""
+    from .train import training_arguments
+
+    args = training_arguments(cfg, out)
+    return dataclasses.replace(args, save_strategy="no", report_to=[], logging_steps=10**9, disable_tqdm=True)
+
+
+def load_lora_model(model_path: Path, cfg: RunConfig, plain: bool):
+    """Base weights plus LoRA at the same seed: through peft's get_peft_model (plain) or lora_kit's attach_lora."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, set_seed
+
+    from .targeting import find_towers, plan_targets
+    from .train import attach_lora
+
+    set_seed(cfg.seed)
+    model = AutoModelForImageTextToText.from_pretrained(model_path)
+    towers = find_towers(model)
+    plan = plan_targets(towers, cfg.llm_last, cfg.vit_last)
+    if plain:
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=plan.regex))
+    else:
+        model, _ = attach_lora(model, plan, towers, cfg)
+    return model, towers
+
+
+def run_arm(arm: str, cfg: RunConfig, model_path: Path, processor, train_data, val_data) -> dict:
+    """Train one arm from the same start; time only the training loop."""
+    from transformers import PrinterCallback, Trainer
+
+    from .train import Collator, StudyTrainer, frozen_prefix, optimizer_groups
+
+    model, towers = load_lora_model(model_path, cfg, plain=arm == "reference")
+    pad, image = processor.tokenizer.pad_token_id, processor.image_token_id
+    with tempfile.TemporaryDirectory() as out, PeakRSS() as rss:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        if arm == "reference":
+            collate = CountingCollator(lambda b: collate_padded(b, pad, image))
+            groups = [{k: v for k, v in g.items() if k not in ("names", "tower")}
+                      for g in optimizer_groups(model, towers, cfg)]
+            optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+            trainer = Trainer(model=model, args=_args(cfg, Path(out)), train_dataset=train_data,
+                              data_collator=collate, optimizers=(optimizer, None))
+            prefix = None
+        else:  # what train() builds, the fast path's check included in the timing
+            collate = CountingCollator(Collator(processor, model, cfg.packing, cfg.max_length, rows=True))
+            prefix = frozen_prefix(model, cfg, collate.collate, train_data, log=lambda *_: None)
+            trainer = StudyTrainer(model=model, args=_args(cfg, Path(out)), train_dataset=train_data,
+                                   data_collator=collate, towers=towers, run_cfg=cfg, prefix=prefix)
+        trainer.remove_callback(PrinterCallback)  # the benchmark prints its own lines
+        clock = EpochClock()
+        trainer.add_callback(clock)
+        trainer.train()
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss.growth
+    eval_loss = mean_loss(model, val_data, batch_size=16, image_token_id=image, pad_id=pad)  # the same estimator
+    later = len(clock.ends) - 1  # epochs after the first (every epoch holds the same samples)
+    steady = collate.tokens * later / len(clock.ends) / (clock.ends[-1] - clock.ends[0]) if later > 0 else None
+    return {"seconds": seconds, "tokens": collate.tokens, "tokens_per_s": collate.tokens / seconds,
+            "steady_tokens_per_s": steady,
+            "cpu_seconds": cpu_seconds, "tokens_per_cpu_s": collate.tokens / cpu_seconds,
+            "peak_bytes": peak, "eval_loss": eval_loss, "steps": trainer.state.global_step,
+            "fast_path": prefix.stats() if prefix else None}
+
+
+def bench_training(cfg: RunConfig, model_path: Path, files: dict, *, samples: int, epochs: float, repeats: int,
+                   log=print) -> dict:
+    """Both arms `repeats` times, alternating which goes first; medians and per-repetition values."""
+    from transformers import AutoProcessor
+
+    cfg = dataclasses.replace(cfg, num_train_epochs=epochs, max_steps=-1)
+    processor = AutoProcessor.from_pretrained(model_path)
+    encoder = Encoder(processor, cfg.max_length)
+    train_samples, _ = read_jsonl(files["train_file"])
+    val_samples, _ = read_jsonl(files["val_file"])
+    train_data = [encoder.encode(s) for s in train_samples[:samples]]
+    val_data = [encoder.encode(s) for s in val_samples]
+    runs: dict[str, list[dict]] = {"reference": [], "lora_kit": []}
+    for r in range(repeats):
+        for arm in (("reference", "lora_kit") if r % 2 == 0 else ("lora_kit", "reference")):
+            runs[arm].append(run_arm(arm, cfg, model_path, processor, train_data, val_data))
+            log(f"  {cfg.variant_name} {arm:9s} rep {r + 1}: {runs[arm][-1]['tokens_per_s']:.0f} tok/s, "
+                f"{runs[arm][-1]['tokens_per_cpu_s']:.0f} tok/CPU-s, "
+                f"eval loss {runs[arm][-1]['eval_loss']:.4f}")
+    med = lambda arm, key: statistics.median(x[key] for x in runs[arm])  # noqa: E731
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "steady_tokens_per_s", "peak_bytes", "eval_loss", "seconds")
+    return {"variant": cfg.variant_name, "samples": len(train_data), "epochs": epochs,
+            "batch": cfg.per_device_train_batch_size, "packing": cfg.packing, "repeats": repeats,
+            "reference": {k: med("reference", k) for k in keys}, "lora_kit": {k: med("lora_kit", k) for k in keys},
+            "speedup": med("lora_kit", "tokens_per_s") / med("reference", "tokens_per_s"),
+            "speedup_cpu": med("lora_kit", "tokens_per_cpu_s") / med("reference", "tokens_per_cpu_s"),
+            "speedup_steady": (med("lora_kit", "steady_tokens_per_s") / med("reference", "steady_tokens_per_s")
+                               if epochs >= 2 else None),
+            "fast_path": runs["lora_kit"][-1]["fast_path"], "runs": runs}
+
+
+# ---------------------------------------------------------------- evaluation
+
+def bench_generation(cfg: RunConfig, model_path: Path, files: dict, *, repeats: int) -> dict:
+    """Seconds for the guardrail benchmark's generations batched (per_device_eval_batch_size) and one at a time."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
+    encoder = Encoder(processor, cfg.max_length)
+    bench = build_evalset(cfg, encoder, files).bench
+    sizes = (cfg.per_device_eval_batch_size, 1)
+    times: dict[int, list[float]] = {bs: [] for bs in sizes}
+    cpu: dict[int, list[float]] = {bs: [] for bs in sizes}
+    for r in range(repeats):
+        for bs in (sizes if r % 2 == 0 else sizes[::-1]):
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            generate(model, encoder, bench, batch_size=bs, max_new_tokens=cfg.max_new_tokens)
+            times[bs].append(time.perf_counter() - t0)
+            cpu[bs].append(time.process_time() - cpu0)
+    med = lambda d, bs: statistics.median(d[bs])  # noqa: E731
+    return {"prompts": len(bench), "batch_size": sizes[0], "max_new_tokens": cfg.max_new_tokens,
+            "batched_seconds": med(times, sizes[0]), "sequential_seconds": med(times, 1),
+            "speedup": med(times, 1) / med(times, sizes[0]), "speedup_cpu": med(cpu, 1) / med(cpu, sizes[0]),
+            "runs": times, "cpu_runs": cpu}
+
+
+def bench_eval_share(cfg: RunConfig) -> dict:
+    """One real default run (train()) in a temporary folder: the share of its wall time spent in guardrail evaluation."""
+    from .train import train
+
+    with tempfile.TemporaryDirectory() as out:
+        run = train(dataclasses.replace(cfg, output_dir=out, overwrite=True), log=lambda *_: None)
+        summary = json.loads((run / "summary.json").read_text())
+        evaluations = sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip())
+    t = summary["timings"]
+    return {"variant": cfg.variant_name, "steps": summary["steps"], "evaluations": evaluations,
+            "wall_seconds": t["wall_seconds"], "eval_seconds": t["eval_seconds"], "eval_share": t["eval_share"],
+            "eval_parts": t["eval_parts"], "fast_path": summary.get("fast_path")}
+
+
+# ---------------------------------------------------------------- the report
+
+def machine() -> dict:
+    import os
+
+    import transformers
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+
+
+def table(result: dict) -> str:
+    """The benchmark as a Markdown table (what the README shows)."""
+    mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
+    lines = ["| variant | reference tok/s | lora_kit tok/s | ratio | ratio by CPU time | ratio after epoch 1 "
+             "| peak memory ref / kit | eval loss ref / kit | fast path |", "|---|---|---|---|---|---|---|---|---|"]
+    for t in result["training"]:
+        ref, kit = t["reference"], t["lora_kit"]
+        lines.append(f"| {t['variant']} | {ref['tokens_per_s']:.0f} | {kit['tokens_per_s']:.0f} | "
+                     f"**{t['speedup']:.2f}×** | {t['speedup_cpu']:.2f}× | "
+                     + (f"{t['speedup_steady']:.2f}× | " if t.get("speedup_steady") else "– | ")
+                     + f"{mib(ref['peak_bytes'])} / {mib(kit['peak_bytes'])} | "
+                     f"{ref['eval_loss']:.3f} / {kit['eval_loss']:.3f} | {(t['fast_path'] or {}).get('mode')} |")
+    g = result.get("generation")
+    if g:
+        lines.append(f"\nGeneration, {g['prompts']} benchmark prompts: batched (batch {g['batch_size']}) "
+                     f"{g['batched_seconds']:.1f} s, one at a time {g['sequential_seconds']:.1f} s: "
+                     f"**{g['speedup']:.1f}×** ({g['speedup_cpu']:.1f}× by CPU time).")
+    s = result.get("eval_share")
+    if s:
+        lines.append(f"\nDefault {s['variant']} run ({s['steps']} steps, {s['evaluations']} guardrail evaluations): "
+                     f"{s['eval_seconds']:.0f} s of {s['wall_seconds']:.0f} s in evaluation, "
+                     f"**{100 * s['eval_share']:.0f}%** (" + ", ".join(
+                         f"{part} {seconds:.0f} s" for part, seconds in s["eval_parts"].items()) + ").")
+    return "\n".join(lines)
+
+
+def run_bench(*, variants=VARIANTS, files: list[str] = (), overrides: dict | None = None, toy_dir: Path | None = None,
+              random_init: bool = False, samples: int = 96, epochs: float = 3.0, repeats: int = 3,
+              generation: bool = True, eval_share: bool = True, out: Path | None = None, log=print) -> dict:
+    """The whole benchmark; writes JSON (and the table next to it) and returns the result."""
+    result: dict = {"machine": machine(), "settings": {"samples": samples, "epochs": epochs, "repeats": repeats,
+                                                       "random_init": random_init}, "training": []}
+    for variant in variants:
+        cfg = bench_config(variant, list(files), overrides or {}, toy_dir, random_init)
+        model_path, data = resolve(cfg)
+        result["settings"]["model"] = str(model_path)
+        log(f"{variant}: {samples} samples x {epochs:g} epochs, {repeats} repetitions per arm")
+        result["training"].append(bench_training(cfg, model_path, data, samples=samples, epochs=epochs,
+                                                 repeats=repeats, log=log))
+    cfg = bench_config(variants[-1], list(files), overrides or {}, toy_dir, random_init)
+    model_path, data = resolve(cfg)
+    if generation:
+        log("generation: batched against one at a time")
+        result["generation"] = bench_generation(cfg, model_path, data, repeats=repeats)
+    if eval_share:
+        log(f"a default {cfg.variant_name} run for the guardrail evaluation share")
+        result["eval_share"] = bench_eval_share(cfg)
+    out = Path(out) if out else outputs_dir() / "bench" / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    out.with_suffix(".md").write_text(table(result) + "\n")
+    result["written_to"] = str(out)
+    return result
