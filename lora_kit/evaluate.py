@@ -183,11 +183,15 @@ def _bench_subset(samples: list[Sample], per_kind: int, seed: int) -> list[Sampl
 
 
 
-def build_evalset(cfg, encoder: Encoder, files: dict[str, Path], train_samples: list[Sample] | None = None) -> EvalSet:
-    """Read and encode the evaluation data named in `files` (the *_file parameters, resolved)."""
+def build_evalset(cfg, encoder: Encoder, files: dict[str, Path], train_samples: list[Sample] | None = None,
+                  val_samples: list[Sample] | None = None) -> EvalSet:
+    """Read and encode the evaluation data named in `files` (the *_file parameters, resolved); training
+    and validation samples the caller already read are not read again."""
     if train_samples is None:
         train_samples, _ = read_jsonl(files["train_file"], on_bad_sample=cfg.on_bad_sample)
-    val, _ = read_jsonl(files["val_file"], on_bad_sample=cfg.on_bad_sample)
+    if val_samples is None:
+        val_samples, _ = read_jsonl(files["val_file"], on_bad_sample=cfg.on_bad_sample)
+    val = val_samples
     bench, _ = read_jsonl(files["bench_file"], need_assistant=False)
     general, _ = read_jsonl(files["general_file"])
     spot, _ = read_jsonl(files["spotcheck_file"], need_assistant=False)

@@ -27,7 +27,7 @@ from .data import (AugmentedDataset, Encoded, Encoder, collate_padded, collate_r
                    read_jsonl, rope_index_fn)
 from .device import compute_device, compute_dtype
 from .errors import ConfigError, LoraKitError
-from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record
+from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record, to_device
 from .paths import REPO_ROOT, runs_dir
 from .prefix import FrozenPrefix, plan_prefix
 from .rundir import RunFolder
@@ -175,8 +175,7 @@ def frozen_prefix(model, cfg: RunConfig, collator: Collator, train_data, *, worl
     prefix = FrozenPrefix(model, plan, log=log)
     batch = collator([train_data[i] for i in range(min(len(train_data), 2))])  # two samples share a packed row
     rows = batch.pop("rows")
-    diff = prefix.check(model, {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
-                                for k, v in batch.items()}, rows)
+    diff = prefix.check(model, to_device(batch, model), rows)
     fp32 = next(model.parameters()).dtype == torch.float32
     if not diff <= (1e-4 if fp32 else 3e-2):
         log(f"frozen-prefix fast path off: its loss differs from the model's own by {diff:.2e} on a training batch "
@@ -362,7 +361,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         augment = make_augment(cfg.augmentation, cfg.augment_strength, cfg.seed)
         if augment is not None:  # each draw is a new augmentation of the screened samples
             train_data = AugmentedDataset(train_samples, encoder, augment)
-        evalset = build_evalset(cfg, encoder, files, train_samples)
+        evalset = build_evalset(cfg, encoder, files, train_samples, val_samples)
         skipped_val += evalset.skipped_val
         encode_seconds = time.time() - t0
 
