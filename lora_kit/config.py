@@ -203,8 +203,15 @@ class RunConfig:
     train.ipynb start torchrun with that many; under torchrun or accelerate launch the launcher decides
     (leave 1, or give the same number)."""
     deepspeed: str | None = None
-    """DeepSpeed JSON config for a multi-GPU run, handed to the Trainer unchanged; ZeRO stage 0, 1 or 2
-    (the guardrail evaluation runs on rank 0, which needs the whole model). null: plain data parallel."""
+    """DeepSpeed JSON config for a multi-GPU run, handed to the Trainer unchanged (any ZeRO stage; with
+    stage 3 every rank evaluates its share of each guardrail evaluation). null: plain data parallel."""
+    fsdp: str | None = None
+    """The Trainer's FSDP option for a multi-GPU run, handed over unchanged, e.g. "full_shard auto_wrap"
+    (every rank then evaluates its share of each guardrail evaluation). null: no FSDP, unless an
+    accelerate config turns it on."""
+    fsdp_config: str | None = None
+    """The Trainer's FSDP JSON config (version, wrap policy, ...), handed over unchanged; needs fsdp.
+    Checkpoints must be FULL_STATE_DICT (the default), so that the kit can read the adapters back."""
 
     def __post_init__(self) -> None:
         values, problems = {}, []
@@ -755,11 +762,16 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
         if stage is None:
             bad(["deepspeed"], "a readable DeepSpeed JSON config file",
                 "check the path, or set deepspeed: null for plain data parallel")
-        elif stage == 3:
-            bad(["deepspeed"], "ZeRO stage 0, 1 or 2 (stage 3 shards the weights, and the guardrail evaluation "
-                "runs on rank 0 with the whole model)",
-                'set "zero_optimization": {"stage": 2} in that file; LoRA trains few weights, so stage 2 saves '
-                "nearly as much memory")
+    if c["fsdp"] is not None and c["deepspeed"] is not None:
+        bad(["fsdp", "deepspeed"], "at most one of them (the Trainer shards with FSDP or with DeepSpeed)",
+            "set fsdp: null or deepspeed: null")
+    if c["fsdp"] is not None and not c["fsdp"].strip():
+        bad(["fsdp"], 'the Trainer\'s FSDP option, e.g. "full_shard auto_wrap"', "set fsdp: null for no FSDP")
+    if c["fsdp_config"] is not None:
+        if c["fsdp"] is None:
+            bad(["fsdp_config"], "set together with fsdp", 'set fsdp: "full_shard auto_wrap", or fsdp_config: null')
+        elif not isinstance(_read_json(Path(c["fsdp_config"])), dict):
+            bad(["fsdp_config"], "a readable JSON file holding an object", "check the path, or set fsdp_config: null")
     for name in _DATA_FILES:
         if c[name] is not None and not _is_file(Path(c[name])):
             bad([name], "an existing file (relative paths start at the current folder)",
@@ -785,11 +797,19 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
+def _read_json(path: Path):
+    """A JSON file's value; None if it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _zero_stage(path: Path) -> int | None:
     """The ZeRO stage of a DeepSpeed JSON config (0 without zero_optimization); None if unreadable."""
     try:
-        stage = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage", 0)
-    except (OSError, ValueError, AttributeError):
+        stage = _read_json(path).get("zero_optimization", {}).get("stage", 0)
+    except AttributeError:  # unreadable (None), or not an object
         return None
     return stage if isinstance(stage, int) else None
 

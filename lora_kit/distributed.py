@@ -4,11 +4,17 @@
     accelerate launch --num_processes 4 -m lora_kit train -f params/C2.yaml
     python -m lora_kit train -f params/C2.yaml --set nproc=4     # starts torchrun itself (so does train.ipynb)
 
-The Hugging Face Trainer shards the batches and averages the gradients (DDP, or the DeepSpeed config
-given as `deepspeed`). lora_kit adds one rule: rank 0 alone owns the run folder and runs the guardrail
-evaluation; the other ranks wait for it and then follow its decision (stop, save) together. They wait
-on a CPU (gloo) group whose timeout is an evaluation's length, not at the next gradient all-reduce,
-whose timeout (30 minutes, NCCL's watchdog) an evaluation of a real model could outlast.
+The Hugging Face Trainer shards the batches and averages the gradients (DDP, or the DeepSpeed / FSDP
+config given as `deepspeed` / `fsdp`, or an accelerate config). lora_kit adds one rule: rank 0 alone owns
+the run folder and runs the guardrail evaluation; the other ranks wait for it and then follow its
+decision (stop, save) together. They wait on a CPU (gloo) group whose timeout is an evaluation's length,
+not at the next gradient all-reduce, whose timeout (30 minutes, NCCL's watchdog) an evaluation of a real
+model could outlast.
+
+When FSDP or ZeRO-3 shard the weights, no rank holds the whole model, so the evaluation is sharded
+instead: every rank evaluates its share of the samples (its forward passes gather the weights layer by
+layer, as in training), the answers and loss sums are gathered on the gloo group, and rank 0 alone
+computes the metrics, writes them and decides. Each sample is still evaluated once.
 """
 from __future__ import annotations
 
@@ -41,6 +47,12 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     group: object = None  # the gloo group of on_rank0 (None in a single process)
+    sharded: bool = False  # FSDP / ZeRO-3: the weights are sharded, so evaluations run on every rank
+
+    @property
+    def shares_evaluation(self) -> bool:
+        """Whether every rank takes part in each evaluation (its share of the samples)."""
+        return self.sharded and self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -66,6 +78,28 @@ class Ranks:
         if kind == "error":
             raise RankZeroFailed(f"rank 0 failed, so rank {self.rank} stops too: {value}")
         return value
+
+    def share(self, items: list, pad) -> list:
+        """This rank's share of items (every world_size-th), padded with `pad` to the same length on every
+        rank, so that all ranks make the same number of forward passes (a sharded forward is collective)."""
+        mine = items[self.rank::self.world_size]
+        return mine + [pad] * (-(-len(items) // self.world_size) - len(mine))
+
+    def gather(self, results: list, n: int) -> list:
+        """The n results of share()'s items, in the items' order, on every rank (padding dropped)."""
+        per_rank = [None] * self.world_size
+        torch.distributed.all_gather_object(per_rank, results, group=self.group)
+        out = [None] * n
+        for rank, part in enumerate(per_rank):
+            for j, result in enumerate(part[:len(range(rank, n, self.world_size))]):
+                out[rank + j * self.world_size] = result
+        return out
+
+    def sum(self, *values: float) -> tuple[float, ...]:
+        """The sum over the ranks of each value (float64, on the gloo group)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t, group=self.group)
+        return tuple(t.tolist())
 
     def close(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():

@@ -5,6 +5,8 @@ wherever it appears. Rates come with their n and a Wilson 95% interval (see scor
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -31,13 +33,34 @@ def to_device(batch: dict, model) -> dict:
     return {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _generation_context(model):
+    """What generate() needs around model.generate: FSDP1's root weights (embeddings, lm_head) gathered,
+    since generate runs the wrapped model's own forward and FSDP1 gathers them only in its forward.
+    The decoder layers, wrapped on their own, still gather theirs one at a time."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch without distributed support
+        return contextlib.nullcontext()
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int = 16,
-             max_new_tokens: int = 32, augments: list | None = None) -> list[Generation]:
+             max_new_tokens: int = 32, augments: list | None = None, ranks=None) -> list[Generation]:
     """Greedy answers for the samples' prompts, batched (left padding) with the KV cache.
 
     `augments`, when given, holds one image transform per sample (the crop-jitter metric).
+    `ranks` (a distributed.Ranks whose weights are sharded): this rank answers its share of the samples
+    and every rank returns all answers. model.generate keeps the ranks in step (synced_gpus), since
+    transformers detects FSDP and ZeRO-3.
     """
+    if ranks is not None and ranks.shares_evaluation:
+        share = ranks.share(list(range(len(samples))), pad=0)
+        mine = generate(model, encoder, [samples[i] for i in share], batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, augments=[augments[i] for i in share] if augments else None)
+        return ranks.gather(mine, len(samples))
     tok = encoder.tokenizer
     eos = tok.eos_token_id
     prompts = [encoder.encode_prompt(s, augments[i] if augments else None) for i, s in enumerate(samples)]
@@ -52,8 +75,9 @@ def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int 
                                    padding_side="left")
             batch.pop("labels")
             batch = to_device(batch, model)
-            seq = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
+            with _generation_context(model):
+                seq = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=eos, pad_token_id=tok.pad_token_id)
             new = seq[:, batch["input_ids"].shape[1]:]
             for row, i in enumerate(idx):
                 ids = new[row].tolist()
@@ -67,11 +91,16 @@ def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int 
 
 @torch.no_grad()
 def mean_loss(model, encoded: list, *, batch_size: int = 16, image_token_id: int, pad_id: int,
-              prefix=None) -> float:
+              prefix=None, ranks=None) -> float:
     """Token-weighted mean cross-entropy over the supervised (assistant) tokens of encoded samples.
 
     `prefix` (a prefix.FrozenPrefix) computes the same loss from its cache of the frozen layers' output.
+    `ranks` (a distributed.Ranks whose weights are sharded): each rank sums the loss of its share of the
+    samples and every rank returns the mean over all of them.
     """
+    sharded = ranks is not None and ranks.shares_evaluation
+    if sharded and encoded:  # padding: a copy of the first sample with nothing supervised adds 0 and 0
+        encoded = ranks.share(encoded, pad=dataclasses.replace(encoded[0], labels=[IGNORE_INDEX] * len(encoded[0].labels)))
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -92,6 +121,8 @@ def mean_loss(model, encoded: list, *, batch_size: int = 16, image_token_id: int
             count += int((target != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
+    if sharded:
+        total, count = ranks.sum(total, count)
     return total / count if count else math.nan
 
 
@@ -125,13 +156,13 @@ def samples_record(samples: list[Sample], generations: list[Generation]) -> list
              else None, **asdict(g)} for s, g in zip(samples, generations)]
 
 
-def caption_answers(model, encoder: Encoder, samples: list[Sample], cfg) -> list[str]:
+def caption_answers(model, encoder: Encoder, samples: list[Sample], cfg, ranks=None) -> list[str]:
     """Free-form captions of the fixed spot-check images (their prompt is in the file)."""
     return [g.answer for g in generate(model, encoder, samples, batch_size=cfg.per_device_eval_batch_size,
-                                       max_new_tokens=cfg.max_new_tokens)]
+                                       max_new_tokens=cfg.max_new_tokens, ranks=ranks)]
 
 
-def crop_consistency(model, encoder: Encoder, samples: list[Sample], cfg) -> dict:
+def crop_consistency(model, encoder: Encoder, samples: list[Sample], cfg, ranks=None) -> dict:
     """K small crop jitters per image: agreement with the uncropped answer, label flips, mean chrF."""
     import random
 
@@ -139,12 +170,12 @@ def crop_consistency(model, encoder: Encoder, samples: list[Sample], cfg) -> dic
 
     k = cfg.crop_jitter_k
     full = generate(model, encoder, samples, batch_size=cfg.per_device_eval_batch_size,
-                    max_new_tokens=cfg.max_new_tokens)
+                    max_new_tokens=cfg.max_new_tokens, ranks=ranks)
     jittered = [s for s in samples for _ in range(k)]
     rngs = [random.Random(cfg.seed * 1000 + i) for i in range(len(jittered))]  # the same crops every evaluation
     augments = [lambda im, r=r: crop_jitter(im, r, 0.5) for r in rngs]
     crops = generate(model, encoder, jittered, batch_size=cfg.per_device_eval_batch_size,
-                     max_new_tokens=cfg.max_new_tokens, augments=augments)
+                     max_new_tokens=cfg.max_new_tokens, augments=augments, ranks=ranks)
     per_image = [scoring.consistency([c.answer for c in crops[i * k:(i + 1) * k]], full[i].answer,
                                      cfg.irrelevant_label) for i in range(len(samples))]
     mean = lambda key: sum(p[key] for p in per_image) / len(per_image) if per_image else math.nan  # noqa: E731
@@ -206,12 +237,13 @@ def build_evalset(cfg, encoder: Encoder, files: dict[str, Path], train_samples: 
 
 def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | None,
                      baseline_captions: list[str] | None, verdicts: list[dict] = (),
-                     prefix=None) -> tuple[dict, list, list]:
+                     prefix=None, ranks=None) -> tuple[dict, list, list]:
     """Every guardrail metric of one model state: (metrics record, benchmark generations, captions).
 
     Losses use one estimator (token-weighted, eval mode) for validation, the training subset and the
     general slice, so the generalization gap compares like with like; `prefix` (the training run's
-    frozen-prefix cache) computes them without repeating the frozen layers.
+    frozen-prefix cache) computes them without repeating the frozen layers. With `ranks` whose weights
+    are sharded, every rank must call this: each evaluates its share, and all return the same record.
     """
     from . import guardrails
 
@@ -227,15 +259,15 @@ def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | N
     pad = encoder.tokenizer.pad_token_id
     loss = lambda data: timed("losses", lambda: mean_loss(  # noqa: E731
         model, data, batch_size=cfg.per_device_eval_batch_size, image_token_id=encoder.image_token_id, pad_id=pad,
-        prefix=prefix))
+        prefix=prefix, ranks=ranks))
     eval_loss, train_loss = loss(es.val), loss(es.train_subset)
     gens = timed("benchmark", lambda: generate(model, encoder, es.bench, batch_size=cfg.per_device_eval_batch_size,
-                                               max_new_tokens=cfg.max_new_tokens))
+                                               max_new_tokens=cfg.max_new_tokens, ranks=ranks))
     record = {"step": step, "eval_loss": eval_loss, "train_loss": train_loss, "gap": eval_loss - train_loss,
               "general_loss": loss(es.general)}
     record |= benchmark_metrics(es.bench, gens, es.terms, cfg.irrelevant_label)
-    captions = timed("captions", caption_answers, model, encoder, es.spotcheck, cfg)
-    record["crop"] = timed("crops", crop_consistency, model, encoder, es.crops, cfg) if es.crops else None
+    captions = timed("captions", caption_answers, model, encoder, es.spotcheck, cfg, ranks)
+    record["crop"] = timed("crops", crop_consistency, model, encoder, es.crops, cfg, ranks) if es.crops else None
     record["captions"] = captions  # the caption baseline of later runs when this is A0's step 0
     record["caption"] = guardrails.caption_sanity(
         captions, baseline_captions if baseline_captions is not None else captions, es.terms,

@@ -398,12 +398,12 @@ def baseline_record(run_dir: Path, runs_root: Path, a0_variant: str = "A0", *, m
         if a0_model != model:
             why_not_a0 = f"{a0_variant} ran on model {a0_model!r}, this run on {model!r}"
     if why_not_a0 is None:
-        record = _step0_record(a0_dir / "metrics.jsonl")
+        record = step0_record(a0_dir / "metrics.jsonl")
         if record is not None:
             return record, f"{a0_variant} ({a0_dir})"
         why_not_a0 = f"{a0_dir / 'metrics.jsonl'} has no step-0 evaluation"
     own = run_dir / "metrics.jsonl"
-    record = _step0_record(own)
+    record = step0_record(own)
     if record is not None:
         return record, f"own step 0 ({why_not_a0})"
     raise LoraKitError(
@@ -428,7 +428,8 @@ def _why_not_a0(a0_dir: Path, run_dir: Path, a0_variant: str) -> str | None:
     return None
 
 
-def _step0_record(path: Path) -> dict | None:
+def step0_record(path: Path) -> dict | None:
+    """The step-0 record of a metrics.jsonl, or None."""
     if not path.is_file():
         return None
     return next((r for r in read_metrics(path) if r.get("step") == 0), None)

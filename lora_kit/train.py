@@ -9,6 +9,9 @@ path (`compute_loss`, see prefix.py) and the guardrail evaluation (a `TrainerCal
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import subprocess
@@ -190,6 +193,8 @@ class GuardrailCallback(TrainerCallback):
     """At every evaluation: all guardrail metrics, one metrics.jsonl line, TensorBoard, triggers, stop.
 
     With several processes rank 0 evaluates and writes; the other ranks wait and follow its decision.
+    When FSDP or ZeRO-3 shard the weights, every rank measures its share of each evaluation (`measure`)
+    and rank 0 alone keeps the record and decides (`check`).
     """
 
     def __init__(self, run: RunFolder, cfg: RunConfig, encoder: Encoder, evalset: EvalSet,
@@ -203,11 +208,28 @@ class GuardrailCallback(TrainerCallback):
         self.eval_parts: dict[str, float] = {}  # seconds per part of the evaluations (losses, benchmark, ...)
         self.tb = None
         self.prefix: FrozenPrefix | None = None  # the training run's frozen-prefix cache, for the losses
+        self.trainer = None  # set by train(): with sharded weights the Trainer's (wrapped) model is evaluated
+
+    def measure(self, model, step: int) -> tuple[dict, list, list]:
+        """guardrail_record of the model now: on rank 0, or on every rank when the weights are sharded."""
+        if self.ranks.shares_evaluation:
+            baseline_captions, verdicts = self.ranks.on_rank0(lambda: (self._baseline_captions(), self.run.verdicts()))
+        else:
+            baseline_captions, verdicts = self._baseline_captions(), self.run.verdicts()
+        return guardrail_record(model, self.encoder, self.evalset, self.cfg, step=step,
+                                baseline_captions=baseline_captions, verdicts=verdicts, prefix=self.prefix,
+                                ranks=self.ranks)
+
+    def evaluated_model(self, model):
+        """The model the evaluations run: the Trainer's own with sharded weights (FSDP wraps it)."""
+        return self.trainer.model if self.ranks.shares_evaluation and self.trainer is not None else model
 
     def evaluate(self, model, step: int, epoch: float) -> dict:
-        record, gens, captions = guardrail_record(
-            model, self.encoder, self.evalset, self.cfg, step=step, baseline_captions=self._baseline_captions(),
-            verdicts=self.run.verdicts(), prefix=self.prefix)
+        return self.keep(self.measure(model, step), step, epoch)
+
+    def keep(self, measured: tuple[dict, list, list], step: int, epoch: float) -> dict:
+        """Rank 0's part of an evaluation: the record completed, its samples written."""
+        record, gens, captions = measured
         record["epoch"] = epoch
         record["checkpoint"] = (f"checkpoints/checkpoint-{step}" if step and step % self.cfg.save_steps == 0
                                 else None)
@@ -246,7 +268,11 @@ class GuardrailCallback(TrainerCallback):
 
     def evaluate_and_check(self, model, step: int, epoch: float) -> guardrails.Trigger | None:
         """One guardrail evaluation: metrics line, TensorBoard, then the triggers (never at step 0)."""
-        self.record(self.evaluate(model, step, epoch))
+        return self.check(self.measure(model, step), step, epoch)
+
+    def check(self, measured: tuple[dict, list, list], step: int, epoch: float) -> guardrails.Trigger | None:
+        """Rank 0's part of an evaluation_and_check: keep the measured record, then the triggers."""
+        self.record(self.keep(measured, step, epoch))
         if step:
             self.trigger = guardrails.check_triggers(self.history, self.baseline, self.cfg, self.run.verdicts())
         return self.trigger
@@ -256,15 +282,30 @@ class GuardrailCallback(TrainerCallback):
         if step % self.cfg.eval_steps:
             return
         # Every rank stops and saves together, as rank 0 decides (a rank left alone would wait forever).
-        stop, save = self.ranks.on_rank0(self._evaluation_step, model, step, state.epoch or 0.0)
+        epoch = state.epoch or 0.0
+        if self.ranks.shares_evaluation:
+            if self.ranks.on_rank0(self._evaluated, step):
+                return
+            measured = self.measure(self.evaluated_model(model), step)  # every rank: its share
+            stop, save = self.ranks.on_rank0(self._decide, measured, step, epoch)
+        else:
+            stop, save = self.ranks.on_rank0(self._evaluation_step, model, step, epoch)
         control.should_training_stop |= stop
         control.should_save |= save
 
+    def _evaluated(self, step: int) -> bool:
+        """Whether this step was evaluated before an interruption (the run resumed after it)."""
+        return any(r["step"] == step for r in self.history)
+
     def _evaluation_step(self, model, step: int, epoch: float) -> tuple[bool, bool]:
         """(stop, save) after the evaluation at an eval step."""
-        if any(r["step"] == step for r in self.history):  # already evaluated before an interruption
+        if self._evaluated(step):
             return False, False
-        if self.evaluate_and_check(model, step, epoch) and self.cfg.early_stopping:
+        return self._decide(self.measure(model, step), step, epoch)
+
+    def _decide(self, measured: tuple[dict, list, list], step: int, epoch: float) -> tuple[bool, bool]:
+        """(stop, save) from a measured evaluation, once it is kept and the triggers are checked."""
+        if self.check(measured, step, epoch) and self.cfg.early_stopping:
             if not self.history[-1]["checkpoint"]:  # keep the checkpoint of the step that fired
                 self.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
                 self.run.rewrite_last_metrics(self.history[-1])
@@ -307,8 +348,11 @@ def code_version() -> dict:
                                   timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"lora_kit": __version__, "commit": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--", "lora_kit", "params", "notebooks"))}
+    dirty = bool(git("status", "--porcelain", "--", "lora_kit", "params", "notebooks"))
+    diff = git("diff", "HEAD", "--", "lora_kit", "params", "notebooks") if dirty else ""
+    return {"lora_kit": __version__, "commit": git("rev-parse", "HEAD") or None, "dirty": dirty,
+            # which uncommitted changes: two dirty runs ran the same code only if these match
+            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if dirty else None}
 
 
 def package_versions() -> dict:
@@ -339,6 +383,10 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     plan = (plan_from_regex(towers, cfg.target_regex) if cfg.target_regex
             else plan_targets(towers, cfg.llm_last, cfg.vit_last))
     ranks = init_ranks(cfg.nproc)  # several under torchrun / accelerate launch: rank 0 owns the run folder
+    if cfg.fsdp and ranks.world_size == 1:
+        raise ConfigError(f"fsdp = {cfg.fsdp!r} shards the weights across processes, but this is one process. "
+                          "Fix: set nproc to the number of GPUs (or launch with torchrun / accelerate launch), "
+                          "or set fsdp: null.")
     log = log if ranks.is_main else (lambda *_: None)
     run = RunFolder(runs_dir(cfg.output_dir) / cfg.variant_name)
     ranks.on_rank0(run.claim, overwrite=cfg.overwrite)  # refuses a completed run or a live second process
@@ -385,8 +433,14 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         if trainable:  # before step 0, whose losses then fill the cache for every later evaluation
             callback.prefix = frozen_prefix(model, cfg, collator, train_data, world_size=ranks.world_size, log=log)
         trainer = None
-        if ranks.on_rank0(lambda: not callback.history):
-            ranks.on_rank0(callback.evaluate_and_check, model, 0, 0.0)  # step 0: the baseline before any update
+        if ranks.on_rank0(lambda: not callback.history):  # step 0: the baseline before any update
+            shared = ranks.on_rank0(shared_step0, cfg, run, trainable)
+            if shared is not None:
+                ranks.on_rank0(callback.record, shared)
+                log(f"{cfg.variant_name}: step 0 taken from {shared['copied_from']}: the same base, evaluation "
+                    "data and settings, and LoRA starts at zero, so the model at step 0 is A0's")
+            else:
+                ranks.on_rank0(callback.evaluate_and_check, model, 0, 0.0)
         if trainable == 0:  # A0: evaluation only; its step-0 metrics are the study's baseline
             log(f"{cfg.variant_name}: nothing to train (llm_last=0, vit_last=0): evaluation-only baseline run")
         else:
@@ -394,10 +448,16 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             trainer = StudyTrainer(
                 model=model, args=training_arguments(cfg, run.path), train_dataset=train_data,
                 data_collator=collator, callbacks=[callback], towers=towers, run_cfg=cfg, prefix=callback.prefix)
-            if trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled():  # e.g. from an accelerate config
-                raise ConfigError("FSDP and DeepSpeed ZeRO-3 shard the weights across the ranks, and the guardrail "
-                                  "evaluation runs on rank 0 with the whole model. Fix: launch plain data parallel, "
-                                  "or with DeepSpeed ZeRO stage 1 or 2 (the deepspeed parameter).")
+            callback.trainer = trainer
+            if trainer.is_fsdp_enabled or is_deepspeed_zero3_enabled():  # from fsdp / deepspeed or accelerate's config
+                check_sharded_checkpoints(trainer)
+                callback.ranks = ranks = dataclasses.replace(ranks, sharded=True)
+                log(f"{cfg.variant_name}: weights sharded across {ranks.world_size} processes "
+                    f"({'FSDP' if trainer.is_fsdp_enabled else 'ZeRO-3'}): every rank evaluates its share")
+            elif cfg.fsdp:
+                raise ConfigError(f"fsdp = {cfg.fsdp!r}, but the Trainer did not enable FSDP (accelerate enables it "
+                                  "on GPUs only, and with several processes). Fix: launch on GPUs with nproc > 1, "
+                                  "or set fsdp: null.")
             resume = ranks.on_rank0(run.last_checkpoint)
             log(f"{cfg.variant_name}: training {trainable:,} LoRA parameters on {len(plan.modules)} modules "
                 f"({plan.counts()}), {len(train_data)} samples" + (f", resuming from {resume.name}" if resume else ""))
@@ -406,7 +466,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             if ranks.on_rank0(lambda: not any(r["step"] == last for r in callback.history)):
                 # the last step gets evaluated and saved too (save_model on every rank: the Trainer writes once)
                 trainer.save_model(str(run.path / "checkpoints" / f"checkpoint-{last}"))
-                ranks.on_rank0(final_evaluation, callback, model, last, trainer.state.epoch or 0.0)
+                final_evaluation(callback, model, last, trainer.state.epoch or 0.0)
         if not ranks.is_main:  # the rest is rank 0's: the summary
             return run.path
         history = callback.history
@@ -444,11 +504,64 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         ranks.close()
 
 
+# What the step-0 evaluation depends on besides the weights: equal in A0's run and this one, its record
+# is this run's step 0 (the weights are the same: LoRA's B starts at zero, modules_to_save start as copies).
+STEP0_SETTINGS = ("model", "trust_remote_code", "irrelevant_label", "max_length", "per_device_eval_batch_size",
+                  "max_new_tokens", "eval_max_samples", "seed", "crop_jitter_k", "caption_chrf_min", "on_bad_sample")
+
+
+def shared_step0(cfg: RunConfig, run: RunFolder, trainable: int, a0_variant: str = "A0") -> dict | None:
+    """A0's step-0 record (its samples copied here) when it is exactly this run's step 0, else None.
+
+    Saves one whole guardrail evaluation per variant. Not with init_adapter (then step 0 differs from the
+    base), nor when A0 ran other code, data or evaluation settings, or has not completed.
+    """
+    a0 = run.path.parent / a0_variant
+    if not trainable or cfg.init_adapter is not None or a0.resolve() == run.path.resolve():
+        return None
+    try:
+        summary = json.loads((a0 / "summary.json").read_text(encoding="utf-8"))
+        theirs = json.loads((a0 / "params.json").read_text(encoding="utf-8"))
+        samples = json.loads((a0 / "samples" / "step-000000.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    mine = json.loads((run.path / "params.json").read_text(encoding="utf-8"))
+    same = (summary.get("status") == "completed" and theirs.get("trainable_parameters") == 0
+            and theirs.get("code") == mine["code"] and theirs.get("data_files") == mine["data_files"]
+            and theirs.get("model_path") == mine["model_path"]
+            and all(theirs.get("config", {}).get(k) == mine["config"][k] for k in STEP0_SETTINGS))
+    record = guardrails.step0_record(a0 / "metrics.jsonl") if same else None
+    if record is None:
+        return None
+    run.write_samples(0, samples["benchmark"], samples["captions"])
+    return {**record, "eval_seconds": 0.0, "copied_from": f"{a0_variant} ({a0})"}
+
+
 def final_evaluation(callback: GuardrailCallback, model, step: int, epoch: float) -> None:
-    """The evaluation of the last step, whose checkpoint train() has just saved."""
-    callback.evaluate_and_check(model, step, epoch)
+    """The evaluation of the last step, whose checkpoint train() has just saved (called on every rank)."""
+    ranks = callback.ranks
+    if ranks.shares_evaluation:
+        measured = callback.measure(callback.evaluated_model(model), step)
+        ranks.on_rank0(_keep_final, callback, measured, step, epoch)
+    else:
+        ranks.on_rank0(lambda: _keep_final(callback, callback.measure(model, step), step, epoch))
+
+
+def _keep_final(callback: GuardrailCallback, measured, step: int, epoch: float) -> None:
+    callback.check(measured, step, epoch)
     callback.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
     callback.run.rewrite_last_metrics(callback.history[-1])
+
+
+def check_sharded_checkpoints(trainer) -> None:
+    """FSDP must save whole adapters (FULL_STATE_DICT): the best checkpoint is read back as a peft folder."""
+    if not trainer.is_fsdp_enabled:
+        return
+    kind = str(getattr(trainer.accelerator.state.fsdp_plugin, "state_dict_type", ""))
+    if "FULL_STATE_DICT" not in kind:
+        raise ConfigError(f"FSDP saves checkpoints as {kind}, which holds no adapter_model.safetensors for the "
+                          "kit to read back. Fix: set state_dict_type: FULL_STATE_DICT in fsdp_config (or "
+                          "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config).")
 
 
 def training_arguments(cfg: RunConfig, run_path: Path) -> TrainingArguments:
@@ -466,5 +579,5 @@ def training_arguments(cfg: RunConfig, run_path: Path) -> TrainingArguments:
         logging_steps=cfg.logging_steps, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
         remove_unused_columns=False, dataloader_num_workers=0, label_names=["labels"],
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False, save_only_model=False,
-        deepspeed=cfg.deepspeed,
+        deepspeed=cfg.deepspeed, fsdp=cfg.fsdp or "", fsdp_config=cfg.fsdp_config,
     )

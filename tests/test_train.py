@@ -203,3 +203,28 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(toy_ckpt, mini_worl
     assert json.loads((run / "summary.json").read_text())["status"] in ("completed", "stopped_early")
     # the same seed and data order: the resumed run ends where the uninterrupted one did
     assert abs(resumed[-1]["eval_loss"] - finished[-1]["eval_loss"]) < 1e-3
+
+
+def test_step0_is_taken_from_a0_only_when_it_is_the_same_evaluation(toy_ckpt, mini_world, tmp_path):
+    from lora_kit.config import load_config
+    from lora_kit.train import train
+
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2)
+    quiet = lambda *_: None  # noqa: E731
+    a0 = train(load_config([params, REPO_ROOT / "params" / "A0.yaml"]), log=quiet)
+    a1 = train(load_config([params, REPO_ROOT / "params" / "A1.yaml"]), log=quiet)
+    # a different generation length: A0's step 0 is not this run's, so A1b evaluates its own step 0
+    a1b = train(load_config([params, REPO_ROOT / "params" / "A1.yaml"], {"variant": "A1b", "max_new_tokens": 5}),
+                log=quiet)
+    first = lambda run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])  # noqa: E731
+    base, copied, own = first(a0), first(a1), first(a1b)
+    assert copied["copied_from"] == f"A0 ({a0})" and copied["eval_seconds"] == 0.0
+    assert {k: v for k, v in copied.items() if k not in ("copied_from", "eval_seconds")} == \
+        {k: v for k, v in base.items() if k != "eval_seconds"}
+    assert (a1 / "samples" / "step-000000.json").read_text() == (a0 / "samples" / "step-000000.json").read_text()
+    # the copy is what A1 would have measured: LoRA starts at zero, so A1's own step 0 is the base's
+    assert "copied_from" not in own and own["eval_seconds"] > 0
+    for key in ("eval_loss", "train_loss", "general_loss"):
+        assert own[key] == pytest.approx(base[key], rel=1e-4), key
+    # and A1 still trained and was evaluated after step 0
+    assert [json.loads(line)["step"] for line in (a1 / "metrics.jsonl").read_text().splitlines()] == [0, 2]
