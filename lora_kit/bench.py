@@ -236,15 +236,21 @@ def bench_generation(cfg: RunConfig, model_path: Path, files: dict, *, repeats: 
 
 
 def bench_eval_share(cfg: RunConfig) -> dict:
-    """One real default run (train()) in a temporary folder: the share of its wall time spent in guardrail evaluation."""
+    """A default run (train()) in a temporary folder after A0, as in the study: the share of its wall time
+    spent in guardrail evaluation (its step 0 is A0's, copied, when A0's evaluation settings match)."""
     from .train import train
 
+    quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory() as out:
-        run = train(dataclasses.replace(cfg, output_dir=out, overwrite=True), log=lambda *_: None)
+        a0 = dataclasses.replace(cfg, output_dir=out, overwrite=True, llm_last=0, vit_last=0, target_regex=None,
+                                 variant="A0")
+        a0_seconds = json.loads((train(a0, log=quiet) / "summary.json").read_text())["timings"]["wall_seconds"]
+        run = train(dataclasses.replace(cfg, output_dir=out, overwrite=True), log=quiet)
         summary = json.loads((run / "summary.json").read_text())
-        evaluations = sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip())
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     t = summary["timings"]
-    return {"variant": cfg.variant_name, "steps": summary["steps"], "evaluations": evaluations,
+    return {"variant": cfg.variant_name, "steps": summary["steps"], "evaluations": len(records),
+            "step0_copied": bool(records and records[0].get("copied_from")), "a0_seconds": a0_seconds,
             "wall_seconds": t["wall_seconds"], "eval_seconds": t["eval_seconds"], "eval_share": t["eval_share"],
             "eval_parts": t["eval_parts"], "fast_path": summary.get("fast_path")}
 
@@ -282,7 +288,9 @@ def table(result: dict) -> str:
                      f"**{g['speedup']:.1f}×** ({g['speedup_cpu']:.1f}× by CPU time).")
     s = result.get("eval_share")
     if s:
-        lines.append(f"\nDefault {s['variant']} run ({s['steps']} steps, {s['evaluations']} guardrail evaluations): "
+        copied = " after A0, step 0 copied from A0's" if s.get("step0_copied") else ""
+        lines.append(f"\nDefault {s['variant']} run{copied} ({s['steps']} steps, {s['evaluations']} guardrail evaluations"
+                     f"{', 1 of them copied' if copied else ''}): "
                      f"{s['eval_seconds']:.0f} s of {s['wall_seconds']:.0f} s in evaluation, "
                      f"**{100 * s['eval_share']:.0f}%** (" + ", ".join(
                          f"{part} {seconds:.0f} s" for part, seconds in s["eval_parts"].items()) + ").")

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from lora_kit.bench import bench_config, bench_training, resolve
+from lora_kit.paths import PARAMS_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -52,3 +53,17 @@ def test_cli_writes_json_and_table(toy_ckpt, mini_world, tmp_path):
     assert result["generation"]["speedup"] > 0 and result["machine"]["cores"]
     table = out.with_suffix(".md").read_text()
     assert "| A1 |" in table and "one at a time" in table
+
+
+def test_eval_share_run_follows_a0_and_copies_its_step0(toy_ckpt, mini_world, tmp_path):
+    from lora_kit.bench import bench_eval_share, table
+    from lora_kit.config import load_config
+
+    params = tmp_path / "tiny.yaml"
+    params.write_text(json.dumps({**tiny(toy_ckpt, mini_world), "max_steps": 4, "eval_steps": 2, "save_steps": 2}))
+    share = bench_eval_share(load_config([params, PARAMS_DIR / "A1.yaml"]))
+    assert share["variant"] == "A1" and share["steps"] == 4
+    assert share["evaluations"] == 3 and share["step0_copied"]  # steps 0 (A0's), 2 and 4
+    assert 0 < share["eval_seconds"] < share["wall_seconds"]
+    assert share["eval_share"] == pytest.approx(share["eval_seconds"] / share["wall_seconds"], abs=0.02)
+    assert "step 0 copied from A0's" in table({"training": [], "eval_share": share})
