@@ -100,7 +100,8 @@ def mean_loss(model, encoded: list, *, batch_size: int = 16, image_token_id: int
     """
     sharded = ranks is not None and ranks.shares_evaluation
     if sharded and encoded:  # padding: a copy of the first sample with nothing supervised adds 0 and 0
-        encoded = ranks.share(encoded, pad=dataclasses.replace(encoded[0], labels=[IGNORE_INDEX] * len(encoded[0].labels)))
+        unsupervised = dataclasses.replace(encoded[0], labels=[IGNORE_INDEX] * len(encoded[0].labels))
+        encoded = ranks.share(encoded, pad=unsupervised)
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -112,7 +113,7 @@ def mean_loss(model, encoded: list, *, batch_size: int = 16, image_token_id: int
             if prefix is not None:
                 loss = prefix.loss(batch, [[e] for e in chunk], reduction="sum")
             else:
-                labels = batch.pop("labels")
+                batch.pop("labels")  # the loss below uses target, the shifted labels
                 logits = model(**batch, use_cache=False).logits[:, :-1]
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                          target.reshape(-1), ignore_index=IGNORE_INDEX,

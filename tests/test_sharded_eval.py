@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +24,6 @@ from test_train import tiny_params
 # it measured; every rank writes how many prompts it encoded.
 WORKER = '''
 import dataclasses, functools, json, os, sys
-from pathlib import Path
 from types import SimpleNamespace
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerControl
@@ -164,7 +162,8 @@ def test_fsdp_checkpoints_must_hold_whole_adapters():
 
     def trainer(kind):
         plugin = SimpleNamespace(state_dict_type=kind)
-        return SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+        state = SimpleNamespace(fsdp_plugin=plugin)
+        return SimpleNamespace(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=state))
     check_sharded_checkpoints(trainer("StateDictType.FULL_STATE_DICT"))
     with pytest.raises(ConfigError, match=r"SHARDED_STATE_DICT.*Fix: set state_dict_type: FULL_STATE_DICT"):
         check_sharded_checkpoints(trainer("StateDictType.SHARDED_STATE_DICT"))
