@@ -24,6 +24,7 @@ from test_train import tiny_params
 # it measured; every rank writes how many prompts it encoded.
 WORKER = '''
 import dataclasses, functools, json, os, sys
+from pathlib import Path
 from types import SimpleNamespace
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerControl
