@@ -413,7 +413,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         skipped_val += evalset.skipped_val
         encode_seconds = time.time() - t0
 
-        ranks.on_rank0(run.write_params, {
+        params = {
             "config": cfg.to_dict(), "variant": cfg.variant_name, "code": code_version(),
             "processes": ranks.record(),
             "packages": package_versions(), "model_path": str(model_path),
@@ -427,14 +427,15 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                                  for g in groups],
             "trainable_parameters": trainable,
             "augmentation": {"kind": cfg.augmentation, "strength": cfg.augment_strength},
-        })
+        }
+        ranks.on_rank0(run.write_params, params)
         callback = GuardrailCallback(run, cfg, encoder, evalset, ranks)
         collator = Collator(processor, model, cfg.packing, cfg.max_length, rows=True)
         if trainable:  # before step 0, whose losses then fill the cache for every later evaluation
             callback.prefix = frozen_prefix(model, cfg, collator, train_data, world_size=ranks.world_size, log=log)
         trainer = None
         if ranks.on_rank0(lambda: not callback.history):  # step 0: the baseline before any update
-            shared = ranks.on_rank0(shared_step0, cfg, run, trainable)
+            shared = ranks.on_rank0(shared_step0, cfg, run, params)
             if shared is not None:
                 ranks.on_rank0(callback.record, shared)
                 log(f"{cfg.variant_name}: step 0 taken from {shared['copied_from']}: the same base, evaluation "
@@ -510,14 +511,15 @@ STEP0_SETTINGS = ("model", "trust_remote_code", "irrelevant_label", "max_length"
                   "max_new_tokens", "eval_max_samples", "seed", "crop_jitter_k", "caption_chrf_min", "on_bad_sample")
 
 
-def shared_step0(cfg: RunConfig, run: RunFolder, trainable: int, a0_variant: str = "A0") -> dict | None:
+def shared_step0(cfg: RunConfig, run: RunFolder, mine: dict, a0_variant: str = "A0") -> dict | None:
     """A0's step-0 record (its samples copied here) when it is exactly this run's step 0, else None.
 
-    Saves one whole guardrail evaluation per variant. Not with init_adapter (then step 0 differs from the
-    base), nor when A0 ran other code, data or evaluation settings, or has not completed.
+    `mine` is this run's params.json. Saves one whole guardrail evaluation per variant. Not with
+    init_adapter (then step 0 differs from the base), nor when A0 ran other code, data or evaluation
+    settings, or has not completed.
     """
     a0 = run.path.parent / a0_variant
-    if not trainable or cfg.init_adapter is not None or a0.resolve() == run.path.resolve():
+    if not mine["trainable_parameters"] or cfg.init_adapter is not None or a0.resolve() == run.path.resolve():
         return None
     try:
         summary = json.loads((a0 / "summary.json").read_text(encoding="utf-8"))
@@ -525,7 +527,6 @@ def shared_step0(cfg: RunConfig, run: RunFolder, trainable: int, a0_variant: str
         samples = json.loads((a0 / "samples" / "step-000000.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    mine = json.loads((run.path / "params.json").read_text(encoding="utf-8"))
     same = (summary.get("status") == "completed" and theirs.get("trainable_parameters") == 0
             and theirs.get("code") == mine["code"] and theirs.get("data_files") == mine["data_files"]
             and theirs.get("model_path") == mine["model_path"]
