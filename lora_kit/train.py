@@ -220,12 +220,13 @@ class GuardrailCallback(TrainerCallback):
                                 baseline_captions=baseline_captions, verdicts=verdicts, prefix=self.prefix,
                                 ranks=self.ranks)
 
-    def evaluated_model(self, model):
-        """The model the evaluations run: the Trainer's own with sharded weights (FSDP wraps it)."""
-        return self.trainer.model if self.ranks.shares_evaluation and self.trainer is not None else model
-
-    def evaluate(self, model, step: int, epoch: float) -> dict:
-        return self.keep(self.measure(model, step), step, epoch)
+    def measure_then(self, model, step: int, then, *args):
+        """Measure the model (on rank 0, or on every rank when the weights are sharded), then run
+        then(measured, *args) on rank 0; every rank returns its result."""
+        if self.ranks.shares_evaluation:  # every rank its share, of the Trainer's (FSDP-wrapped) model
+            measured = self.measure(self.trainer.model if self.trainer is not None else model, step)
+            return self.ranks.on_rank0(then, measured, *args)
+        return self.ranks.on_rank0(lambda: then(self.measure(model, step), *args))
 
     def keep(self, measured: tuple[dict, list, list], step: int, epoch: float) -> dict:
         """Rank 0's part of an evaluation: the record completed, its samples written."""
@@ -282,26 +283,15 @@ class GuardrailCallback(TrainerCallback):
         if step % self.cfg.eval_steps:
             return
         # Every rank stops and saves together, as rank 0 decides (a rank left alone would wait forever).
-        epoch = state.epoch or 0.0
-        if self.ranks.shares_evaluation:
-            if self.ranks.on_rank0(self._evaluated, step):
-                return
-            measured = self.measure(self.evaluated_model(model), step)  # every rank: its share
-            stop, save = self.ranks.on_rank0(self._decide, measured, step, epoch)
-        else:
-            stop, save = self.ranks.on_rank0(self._evaluation_step, model, step, epoch)
+        if self.ranks.on_rank0(self._evaluated, step):  # already evaluated before an interruption
+            return
+        stop, save = self.measure_then(model, step, self._decide, step, state.epoch or 0.0)
         control.should_training_stop |= stop
         control.should_save |= save
 
     def _evaluated(self, step: int) -> bool:
         """Whether this step was evaluated before an interruption (the run resumed after it)."""
         return any(r["step"] == step for r in self.history)
-
-    def _evaluation_step(self, model, step: int, epoch: float) -> tuple[bool, bool]:
-        """(stop, save) after the evaluation at an eval step."""
-        if self._evaluated(step):
-            return False, False
-        return self._decide(self.measure(model, step), step, epoch)
 
     def _decide(self, measured: tuple[dict, list, list], step: int, epoch: float) -> tuple[bool, bool]:
         """(stop, save) from a measured evaluation, once it is kept and the triggers are checked."""
@@ -540,18 +530,11 @@ def shared_step0(cfg: RunConfig, run: RunFolder, mine: dict, a0_variant: str = "
 
 def final_evaluation(callback: GuardrailCallback, model, step: int, epoch: float) -> None:
     """The evaluation of the last step, whose checkpoint train() has just saved (called on every rank)."""
-    ranks = callback.ranks
-    if ranks.shares_evaluation:
-        measured = callback.measure(callback.evaluated_model(model), step)
-        ranks.on_rank0(_keep_final, callback, measured, step, epoch)
-    else:
-        ranks.on_rank0(lambda: _keep_final(callback, callback.measure(model, step), step, epoch))
-
-
-def _keep_final(callback: GuardrailCallback, measured, step: int, epoch: float) -> None:
-    callback.check(measured, step, epoch)
-    callback.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
-    callback.run.rewrite_last_metrics(callback.history[-1])
+    def keep(measured) -> None:
+        callback.check(measured, step, epoch)
+        callback.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
+        callback.run.rewrite_last_metrics(callback.history[-1])
+    callback.measure_then(model, step, keep)
 
 
 def check_sharded_checkpoints(trainer) -> None:
