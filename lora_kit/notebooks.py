@@ -22,6 +22,8 @@ KERNEL = {"name": "lora_kit", "display_name": "Python (lora_kit)", "language": "
 def _annotation(f: dataclasses.Field) -> str:
     """Optional[...] of the field's base type, in the form papermill's --help-notebook parses."""
     hint = typing.get_type_hints(RunConfig)[f.name]
+    if typing.get_origin(hint) is typing.Literal:  # a choice: its arguments are the allowed values, not types
+        return "Optional[str]"
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = args[0]
     name = {int: "int", float: "float", str: "str", bool: "bool"}.get(base, "list")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -28,4 +29,9 @@ def test_help_notebook_documents_every_parameter():
     assert out.returncode == 0, out.stderr
     for f in dataclasses.fields(RunConfig):
         assert f"  {f.name}:" in out.stdout, f.name
+    # each parameter's type as papermill shows it, e.g. "  lora_rank: Optional[int] (default None)"
+    shown = dict(re.findall(r"^  (\w+): Optional\[(\w+)\]", out.stdout, re.M))
+    assert shown["lora_rank"] == "int" and shown["vit_lr"] == "float" and shown["init_adapter"] == "str"
+    for choice in ("augmentation", "on_bad_sample", "lr_scheduler_type"):  # Literal choices are strings
+        assert shown[choice] == "str", choice
     assert "params_file:" in out.stdout and "LoRA on the last N decoder layers" in out.stdout
