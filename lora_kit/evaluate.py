@@ -279,11 +279,57 @@ def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | N
     return record, gens, captions
 
 
-def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_model: str, trust_remote_code=False):
-    """(model, processor, base path) for a peft adapter folder (ours, ms-swift's, any peft's) or a full model."""
+def start_model(base_path: str | Path, init_adapter: str | Path | None = None, *, continued: bool = False,
+                dtype=None, trust_remote_code: bool = False):
+    """A run's model before its own LoRA: the base with init_adapter folded in, as train.attach_lora builds it.
+
+    A "continued" run trained init_adapter itself, so its checkpoints hold it whole and go on the bare base."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if init_adapter and not continued:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, init_adapter).merge_and_unload()
+    return model
+
+
+def run_of_checkpoint(checkpoint: Path) -> dict | None:
+    """The params.json of the run folder a checkpoint sits in (runs/<variant>/checkpoints/<name>), if any."""
     import json
 
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    params = checkpoint.parent.parent / "params.json"
+    if checkpoint.parent.name != "checkpoints" or not params.is_file():
+        return None
+    try:
+        return json.loads(params.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def _same_targets(adapter_a: Path, adapter_b: Path) -> bool:
+    """Whether two peft adapters wrap the same modules (then a run from one continued it instead of merging)."""
+    import json
+
+    read = lambda folder: json.loads((Path(folder) / "adapter_config.json").read_text())  # noqa: E731
+    a, b = read(adapter_a), read(adapter_b)
+    as_set = lambda t: sorted(t) if isinstance(t, list) else t  # noqa: E731
+    return (as_set(a.get("target_modules")) == as_set(b.get("target_modules"))
+            and as_set(a.get("modules_to_save") or []) == as_set(b.get("modules_to_save") or []))
+
+
+def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_model: str,
+                        init_adapter: str | None = None, trust_remote_code=False):
+    """(model, processor, base path) for a peft adapter folder (ours, ms-swift's, any peft's) or a full model.
+
+    An adapter trained on top of an init_adapter (stage 3) is evaluated on the model it trained on: init_adapter
+    folded into the base first, unless the run continued training init_adapter itself. A checkpoint inside one of
+    our run folders says which from its params.json (and names its init_adapter); elsewhere the adapter is taken
+    as a continuation when it wraps the same modules as init_adapter, the rule train.attach_lora follows.
+    """
+    import json
+
+    from transformers import AutoProcessor
 
     from .device import compute_device, compute_dtype
     from .errors import ConfigError
@@ -296,15 +342,20 @@ def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_mod
         if base is None and recorded and Path(recorded).is_dir():
             base = recorded
         base_path = resolve_model(base or default_model)
-        model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=compute_dtype(),
-                                                            trust_remote_code=trust_remote_code)
+        run = run_of_checkpoint(checkpoint)
+        if run is not None:
+            init_adapter = (run.get("config") or {}).get("init_adapter")
+            continued = (run.get("targets") or {}).get("adapter") == "continued"
+        else:
+            continued = bool(init_adapter) and _same_targets(checkpoint, Path(init_adapter))
+        model = start_model(base_path, init_adapter, continued=continued, dtype=compute_dtype(),
+                            trust_remote_code=trust_remote_code)
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, checkpoint)
     elif (checkpoint / "config.json").is_file():
         base_path = checkpoint
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=compute_dtype(),
-                                                            trust_remote_code=trust_remote_code)
+        model = start_model(checkpoint, dtype=compute_dtype(), trust_remote_code=trust_remote_code)
     else:
         raise ConfigError(f"checkpoint {str(checkpoint)!r} holds neither adapter_config.json (a peft adapter) nor "
                           "config.json (a full model); point it at a checkpoint folder.")
@@ -320,6 +371,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg, *, base: str | None = None,
     from .rundir import write_json_atomic
 
     model, processor, base_path = load_for_evaluation(checkpoint, base=base, default_model=cfg.model,
+                                                      init_adapter=cfg.init_adapter,
                                                       trust_remote_code=cfg.trust_remote_code)
     encoder = Encoder(processor, cfg.max_length)
     es = build_evalset(cfg, encoder, files)

@@ -441,26 +441,23 @@ def _asking(sample: Sample, prompt: str) -> Sample:
 
 
 def load_column(column: Column, *, device: str | None = None):
-    """(model, encoder) of a column: the run's start model (init_adapter merged in) plus the checkpoint's adapter.
-
-    Mirrors train.attach_lora: a "continued" run trained init_adapter itself, so its checkpoints go on
-    the bare base; otherwise the start model is the base with init_adapter folded in."""
+    """(model, encoder) of a column: the run's start model (evaluate.start_model) plus the checkpoint's adapter."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     from .data import Encoder
+    from .evaluate import start_model
 
     run = column.run
     trust = bool(run.config.get("trust_remote_code", False))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
     if column.path is not None and not (column.path / "adapter_config.json").is_file():
-        model = AutoModelForImageTextToText.from_pretrained(column.path, dtype=dtype, trust_remote_code=trust)
+        model = start_model(column.path, dtype=dtype, trust_remote_code=trust)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(run.model_path, dtype=dtype, trust_remote_code=trust)
-        if run.init_adapter and not (column.path is not None and run.adapter == "continued"):
-            model = PeftModel.from_pretrained(model, run.init_adapter).merge_and_unload()
+        model = start_model(run.model_path, run.init_adapter, dtype=dtype, trust_remote_code=trust,
+                            continued=column.path is not None and run.adapter == "continued")
         if column.path is not None:
             model = PeftModel.from_pretrained(model, column.path)
     processor = AutoProcessor.from_pretrained(run.model_path, trust_remote_code=trust)

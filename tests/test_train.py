@@ -181,6 +181,31 @@ def test_init_adapter_is_continued_when_targets_match_and_merged_otherwise(toy_c
     s4_first = json.loads((tmp_path / "runs" / "S4" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(s4_first["eval_loss"] - s3_last["eval_loss"]) < 1e-5
 
+    # `lora_kit evaluate` scores a checkpoint on the model it trained on: S5's new LoRA sits on the base with
+    # the stage-3 adapter folded in, S4's adapter is the continued stage-3 adapter itself. In a run folder
+    # its params.json says which; a copy elsewhere is decided by init_adapter and the adapter's targets.
+    import shutil
+
+    def evaluated(folder, init_adapter):
+        out = folder.parent / f"{folder.name}-eval.json"
+        proc = subprocess.run([sys.executable, "-m", "lora_kit", "evaluate", str(folder), "--base", str(toy_ckpt),
+                               "-f", str(params), "--set", f"init_adapter={init_adapter}", "--out", str(out)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(out.read_text())["metrics"]["eval_loss"]
+
+    recorded = {v: [json.loads(l) for l in (tmp_path / "runs" / v / "metrics.jsonl").read_text().splitlines()][-1]
+                for v in ("S4", "S5")}
+    assert recorded["S5"]["step"] == 2 and recorded["S5"]["checkpoint"]
+    s5_copy = tmp_path / "S5-checkpoint-2"
+    shutil.copytree(tmp_path / "runs" / "S5" / "checkpoints" / "checkpoint-2", s5_copy)
+    for variant, folder, init in (("S4", tmp_path / "runs" / "S4" / "checkpoints" / "checkpoint-2", ""),
+                                  ("S5", tmp_path / "runs" / "S5" / "checkpoints" / "checkpoint-2", ""),
+                                  ("S5", s5_copy, stage3)):
+        assert abs(evaluated(folder, init) - recorded[variant]["eval_loss"]) < 1e-4, (variant, folder)
+    # without the stage-3 adapter folded in, the same LoRA scores differently: the fold is what makes them equal
+    assert abs(evaluated(s5_copy, "") - recorded["S5"]["eval_loss"]) > 1e-3
+
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(toy_ckpt, mini_world, tmp_path):
     params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=4, variant="R1", llm_last=2, vit_last=0)
