@@ -151,6 +151,25 @@ def test_scenes_have_distinct_objects_of_the_domain():
         assert all(W.OBJECT_PATTERN.fullmatch(o) for o in objects)
 
 
+def test_colour_area_never_tells_a_circle_from_a_triangle_wrongly():
+    """Every triangle covers fewer pixels than every circle, over the whole size range (measured by drawing).
+
+    With overlapping areas (sides 36-56 px, world v3) the base learnt area as its shape cue and called small
+    circles triangles; SHAPE_SIZE keeps the two ranges apart."""
+    from PIL import ImageDraw
+
+    def area(shape, side):
+        img = Image.new("L", (W.CANVAS, W.CANVAS), 0)
+        W._draw_object(ImageDraw.Draw(img), (10, 10, 10 + side, 10 + side), 255, shape)
+        return int((np.asarray(img) > 0).sum())
+
+    low, high = W.SHAPE_SIZE
+    triangles = [area("三角形", side) for side in range(low, high + 1)]
+    circles = [area("圆形", side) for side in range(low, high + 1)]
+    assert max(triangles) < min(circles), (max(triangles), min(circles))
+    assert area("三角形", 56) > area("圆形", 36)  # the v3 range overlapped: this is what the size range fixes
+
+
 def test_non_shape_images_have_no_blobs_of_shape_colours():
     """UI and OOD images must not show large areas a model could fairly call 红色/绿色/蓝色/黄色."""
     rng = random.Random(2)
