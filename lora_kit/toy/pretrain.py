@@ -21,7 +21,7 @@ from ..data import Encoder, collate_padded, read_jsonl
 class PretrainSpec:
     """How the toy base is pretrained; part of the toy cache key."""
 
-    steps: int = 1700            # 0.54-0.60 s/step on 2 CPU threads (2026-11-26): about 16 minutes; 1450 missed 0.80
+    steps: int = 1700            # 0.54-0.63 s/step on 2 threads: the build took 17-19 min; 1450 steps missed 0.80
     stage2_step: int = 700       # stage 2: an earlier, weaker base for the restart baseline
     batch_size: int = 16
     learning_rate: float = 3e-3
