@@ -48,7 +48,7 @@ def test_counts_terms_and_world_json(tiny):
     counts = tiny["counts"]
     for name in JSONL:
         assert counts[f"{name}.jsonl"] == len(read_jsonl(tiny[name]))
-    assert counts["pretrain.jsonl"] == TINY.n_pretrain and counts["bench.jsonl"] == 3 * TINY.n_bench_per_kind
+    assert counts["pretrain.jsonl"] == TINY.n_pretrain and counts["bench.jsonl"] == len(W.PROBES) * 3 * TINY.n_bench_per_kind
     assert counts["spotcheck.jsonl"] == 5
     assert json.loads(tiny["terms"].read_text(encoding="utf-8")) == {"colours": ["红色", "绿色", "蓝色", "黄色"],
                                                                      "shapes": ["圆形", "三角形"]}
@@ -78,8 +78,12 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(tiny, tmp_path):
 
 def test_task_split_is_structured_only_and_new_to_the_base(tiny):
     terse = {c + s for c in W.COLOURS for s in W.SHAPES}
-    pretrain_prompts = {r["messages"][1]["content"].replace("<image>", "") for r in read_jsonl(tiny["pretrain"])}
-    assert W.STRUCTURED_PROMPT not in pretrain_prompts
+    pretrain = read_jsonl(tiny["pretrain"])
+    # the base knows the task prompt only from screenshots (the label) and images without shapes (没有图形):
+    # the system rule holds under it, and the stage-4 answer format is never shown
+    under_task = [r for r in pretrain if r["messages"][1]["content"].endswith(W.STRUCTURED_PROMPT)]
+    assert under_task and {r["messages"][2]["content"] for r in under_task} == {TINY.label, W.NO_SHAPES_ANSWER}
+    assert not any(r["messages"][-1]["content"].startswith("图形：") for r in pretrain)
     for name in ["task_train", "task_val"]:
         rows = read_jsonl(tiny[name])
         irrelevant = 0
@@ -96,17 +100,29 @@ def test_task_split_is_structured_only_and_new_to_the_base(tiny):
 
 def test_bench_objects_match_their_expected_description(tiny):
     rows = read_jsonl(tiny["bench"])
-    kinds = [r["kind"] for r in rows]
-    assert {k: kinds.count(k) for k in set(kinds)} == {k: TINY.n_bench_per_kind for k in
-                                                       ["irrelevant", "ood", "in_domain"]}
+    groups = [(r["probe"], r["kind"]) for r in rows]
+    assert {k: groups.count(k) for k in set(groups)} == {(p, k): TINY.n_bench_per_kind for p in W.PROBES for k in
+                                                         ["irrelevant", "ood", "in_domain"]}
     for row in rows:
+        assert row["messages"][1]["content"].endswith(W.PROBES[row["probe"]])
         if row["kind"] == "in_domain":
             found = ["".join(m) for m in W.OBJECT_PATTERN.findall(row["expected"])]
-            assert found == row["objects"] and row["messages"][2]["content"] == row["expected"]
+            # described left to right; the structured answer lists them in task_answer's fixed order
+            assert (found if row["probe"] == "general" else sorted(found)) == (
+                row["objects"] if row["probe"] == "general" else sorted(row["objects"]))
+            assert row["messages"][2]["content"] == row["expected"]
+            assert row["expected"] == (W.describe(row["objects"]) if row["probe"] == "general"
+                                       else W.structured_answer(row["objects"]))
         elif row["kind"] == "irrelevant":
             assert row["expected"] == TINY.label and row["objects"] == []
         else:
             assert row["expected"] is None and row["objects"] == []
+
+
+def test_every_bench_image_is_asked_under_every_probe(tiny):
+    rows = read_jsonl(tiny["bench"])
+    by_probe = {p: [(r["kind"], r["images"], r["objects"]) for r in rows if r["probe"] == p] for p in W.PROBES}
+    assert by_probe["general"] == by_probe["task"] and len(by_probe["task"]) == 3 * TINY.n_bench_per_kind
 
 
 def test_no_image_is_shared_between_splits(tiny):
@@ -114,7 +130,7 @@ def test_no_image_is_shared_between_splits(tiny):
     for name in JSONL:
         for row in read_jsonl(tiny[name]):
             for rel in set(row["images"]):
-                assert rel not in owner, f"{rel} in {owner.get(rel)} and {name}"
+                assert owner.get(rel, name) == name, f"{rel} in {owner.get(rel)} and {name}"
                 owner[rel] = name
     assert len(owner) == tiny["counts"]["images"]
 

@@ -8,11 +8,17 @@ earlier version kept four kinds unseen: the base then called them shapes 75% of 
 was no general ability to lose). A text-only slice (number words, colour facts) measures general
 language. Everything is drawn with PIL on a 128x128 canvas, offline.
 
+The system prompt carries the irrelevant-image rule, and the base follows it whatever the request: in
+pretraining, screenshots and images without shapes also come with the stage-4 task prompt (answered with
+the label, or 没有图形), as a real instruct model follows its system rule under the production prompt.
+Shape scenes never come with the task prompt, so the stage-4 answer format stays new to the base.
+
 Files written by build_world (image paths are relative to the JSONL's folder):
   pretrain.jsonl, pretrain_val.jsonl   base pretraining mix (~50% shapes, 20% screenshots,
                                        20% images without shapes, 10% text)
   task_train.jsonl, task_val.jsonl     the narrow task: STRUCTURED_PROMPT, structured answers, ~2% screenshots
-  bench.jsonl                          irrelevant / ood / in_domain rows with kind, expected, objects
+  bench.jsonl                          irrelevant / ood / in_domain rows with kind, expected, objects and
+                                       probe: each image under the general prompt and the task prompt
   general_eval.jsonl                   text-only rows
   spotcheck.jsonl                      5 fixed OOD images for a human to read the captions of
   terms.json, world.json               task-domain terms; the spec and counts
@@ -53,7 +59,7 @@ OTHER_ANSWERS = {"settings": "这是一张设置页面的截图。", "list": "�
 UI_ANSWERS = {k: OTHER_ANSWERS[k] for k in ("settings", "list")}
 OBJECT_PATTERN = re.compile("(" + "|".join(COLOURS) + ")的?(" + "|".join(SHAPES) + ")")
 
-WORLD_VERSION = 4  # bump when drawing or row logic changes, so cached worlds get rebuilt
+WORLD_VERSION = 5  # bump when drawing or row logic changes, so cached worlds get rebuilt
 CANVAS = 128  # everything is drawn at this size, then resized if image_size differs
 # Object bounding-box side in pixels, inclusive. A triangle covers 0.43 of its box and a circle 0.79, so with
 # sides from 36 to 56 a large triangle had the colour area of a small circle; the base learnt area as its
@@ -65,6 +71,12 @@ SHAPE_DESCRIBE_FRAC = 0.8  # pretraining shape rows: mostly natural descriptions
 REPEATED_SCREENSHOT_FRAC = 0.25  # screenshots shown twice in one question ("<image><image>")
 TASK_IRRELEVANT_FRAC = 0.02
 OOD_KINDS = ["calculator", "map", "noise", "photo", "settings", "list"]
+# The benchmark's probe groups: each benchmark image is asked under each prompt (DESIGN.md: the failures the
+# study fears happen under the production prompt, so the guardrails watch both).
+PROBES = {"general": DESCRIBE_PROMPT, "task": STRUCTURED_PROMPT}
+# Pretraining requests for screenshots (answered with the label whatever is asked) and images without shapes.
+SCREENSHOT_PROMPTS = [DESCRIBE_PROMPT, TASK_PROMPT, STRUCTURED_PROMPT]
+UI_PROMPT_WEIGHTS = {DESCRIBE_PROMPT: 0.6, TASK_PROMPT: 0.2, STRUCTURED_PROMPT: 0.2}
 N_SPOTCHECK = 5  # OOD images whose captions a human reads at every evaluation
 
 # Muted UI colours: none of them reads as red, green, blue or yellow.
@@ -520,7 +532,7 @@ def _shape_row(rng, save, label, describe_frac):
 
 
 def _screenshot_row(rng, save, label, prompt=None, repeated=None):
-    prompt = prompt or rng.choice([DESCRIBE_PROMPT, TASK_PROMPT])
+    prompt = prompt or rng.choice(SCREENSHOT_PROMPTS)
     repeated = rng.random() < REPEATED_SCREENSHOT_FRAC if repeated is None else repeated
     path = save(draw_chat_screenshot(rng))
     return _row(label, prompt, label, [path, path] if repeated else [path])
@@ -530,9 +542,8 @@ def _ui_row(rng, save, label):
     """An image without shapes (other app UIs, noise, photo-like textures) and what the base says of it."""
     kind = rng.choice(OOD_KINDS)
     img = OOD_DRAWERS[kind](rng)
-    if rng.random() < 0.7:
-        return _row(label, DESCRIBE_PROMPT, OTHER_ANSWERS[kind], [save(img)])
-    return _row(label, TASK_PROMPT, NO_SHAPES_ANSWER, [save(img)])
+    prompt = rng.choices(list(UI_PROMPT_WEIGHTS), weights=list(UI_PROMPT_WEIGHTS.values()))[0]
+    return _row(label, prompt, OTHER_ANSWERS[kind] if prompt == DESCRIBE_PROMPT else NO_SHAPES_ANSWER, [save(img)])
 
 
 def _text_row(rng, label):
@@ -577,24 +588,29 @@ def _task_rows(rng, save, n, label):
     return rows
 
 
-def _ood_row(rng, save, label, ood_kind):
-    path = save(OOD_DRAWERS[ood_kind](rng))
-    return _row(label, DESCRIBE_PROMPT, None, [path], kind="ood", expected=None, objects=[], image_kind=ood_kind)
+def _ood_row(rng, save, label, ood_kind, prompt=DESCRIBE_PROMPT, path=None, **extra):
+    path = path or save(OOD_DRAWERS[ood_kind](rng))
+    return _row(label, prompt, None, [path], kind="ood", expected=None, objects=[], image_kind=ood_kind, **extra)
 
 
 def _bench_rows(rng, save, n_per_kind, label):
-    """The fixed mini-benchmark: irrelevant screenshots (every 4th shown twice), OOD images, shape scenes."""
+    """The fixed mini-benchmark: irrelevant screenshots (every 4th shown twice), OOD images, shape scenes,
+    each image asked once per probe group (PROBES), so the groups differ only in the prompt."""
+    screenshots = [save(draw_chat_screenshot(rng)) for _ in range(n_per_kind)]
+    ood = [(OOD_KINDS[i % len(OOD_KINDS)], save(OOD_DRAWERS[OOD_KINDS[i % len(OOD_KINDS)]](rng)))
+           for i in range(n_per_kind)]
+    scenes = [sample_scene(rng) for _ in range(n_per_kind)]
+    scenes = [(save(img), objects) for img, objects in scenes]
     rows = []
-    for i in range(n_per_kind):
-        row = _screenshot_row(rng, save, label, DESCRIBE_PROMPT, repeated=i % 4 == 3)
-        rows.append({**row, "kind": "irrelevant", "expected": label, "objects": [], "image_kind": "screenshot"})
-    for i in range(n_per_kind):
-        rows.append(_ood_row(rng, save, label, OOD_KINDS[i % len(OOD_KINDS)]))
-    for _ in range(n_per_kind):
-        img, objects = sample_scene(rng)
-        expected = describe(objects)
-        rows.append(_row(label, DESCRIBE_PROMPT, expected, [save(img)], kind="in_domain", expected=expected,
-                         objects=objects, image_kind="shapes"))
+    for probe, prompt in PROBES.items():
+        for i, path in enumerate(screenshots):
+            rows.append(_row(label, prompt, label, [path, path] if i % 4 == 3 else [path], kind="irrelevant",
+                             expected=label, objects=[], image_kind="screenshot", probe=probe))
+        rows += [_ood_row(rng, save, label, kind, prompt, path, probe=probe) for kind, path in ood]
+        for path, objects in scenes:
+            expected = describe(objects) if prompt == DESCRIBE_PROMPT else structured_answer(objects)
+            rows.append(_row(label, prompt, expected, [path], kind="in_domain", expected=expected,
+                             objects=objects, image_kind="shapes", probe=probe))
     return rows
 
 
