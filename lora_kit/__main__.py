@@ -42,6 +42,8 @@ def cmd_evaluate(args) -> int:
     from .config import load_config, parse_set
     from .evaluate import evaluate_checkpoint
     from .guardrails import baseline_record
+    from .metrics import columns, is_rate, probe_metrics
+    from .views import flatten_record
     from .paths import runs_dir
     from .train import data_files
 
@@ -53,12 +55,13 @@ def cmd_evaluate(args) -> int:
         captions = None
     result = evaluate_checkpoint(args.checkpoint, cfg, base=args.base, files=data_files(cfg),
                                  baseline_captions=captions, out=args.out)
-    m = result["metrics"]
-    for key in ("eval_loss", "general_loss", "irrelevant_pass", "false_refusal", "hallucination", "object_accuracy",
-                "blindness"):
-        v = m[key]
-        print(f"{key:>16}: " + (f"{v['rate']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}] n={v['n']}" if isinstance(v, dict)
-                                 and v.get("rate") is not None else f"{v}"))
+    flat = flatten_record(result["metrics"])
+    for col in ["eval_loss"] + columns("table", list(probe_metrics(result["metrics"]))):
+        if col not in flat:
+            continue
+        v = flat[col]
+        interval = f" [{flat[col + '_lo']:.3f}, {flat[col + '_hi']:.3f}] n={flat[col + '_n']}" if is_rate(col) else ""
+        print(f"{col:>30}: " + (f"{v:.3f}{interval}" if isinstance(v, float) else f"{v}"))
     print(f"written to {result['written_to']}")
     return 0
 
@@ -83,7 +86,7 @@ def cmd_matrix(args) -> int:
     overrides = parse_set(args.set)
     if args.profile:
         overrides["profile"] = args.profile
-    jobs = plan_jobs(args.variants, all_variants=args.all, grid=args.grid, overrides=overrides)
+    jobs = plan_jobs(args.variants, all_variants=args.all, grid=args.grid, overrides=overrides, seeds=args.seeds)
     if args.backend == "slurm":
         root = runs_dir(None) if runs_root is None else runs_root
         if args.dry_run:
@@ -176,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a grid around each chosen variant, e.g. lora_rank=8,16,32")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="replicate each trained variant under N seeds (<variant>_seed<seed>; A0 runs once)")
     p.add_argument("--runs-root", default=None, help="folder of run folders (default outputs/runs)")
     p.add_argument("--dry-run", action="store_true", help="show what would run, run nothing")
     p.add_argument("--status", action="store_true", help="print the status table of the run folders")

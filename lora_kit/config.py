@@ -143,7 +143,8 @@ class RunConfig:
     gradient_accumulation_steps: int = 8
     """Micro-batches accumulated into one optimizer step."""
     seed: int = 42
-    """Seed of every random generator (data order, LoRA init, augmentation), 0 <= seed < 2**32."""
+    """Seed of every training random generator (data order, LoRA init, dropout, augmentation), 0 <= seed <
+    2**32. The evaluation samples do not depend on it, so replicates under other seeds are comparable."""
 
     # ---- evaluation and checkpoints ----
     per_device_eval_batch_size: int = 4
@@ -158,7 +159,11 @@ class RunConfig:
     max_new_tokens: int = 256
     """Longest generated answer on the benchmark and the caption probes."""
     eval_max_samples: int = 200
-    """At most this many samples per benchmark kind (irrelevant, ood, in_domain) per evaluation."""
+    """At most this many samples per benchmark kind (irrelevant, ood, in_domain) and probe group per
+    evaluation."""
+    exact_match_samples: int = 200
+    """Validation samples whose generated answer is compared with their reference at every evaluation
+    (task exact match, normalized like the label); 0 = not measured."""
 
     # ---- guardrails (checked at every evaluation) ----
     irrelevant_drop_max: float = 0.2
@@ -189,6 +194,9 @@ class RunConfig:
     0.1 = 10 points) ..."""
     best_hallucination_margin: float = 0.1
     """... and hallucination <= baseline + this; then the lowest eval loss wins."""
+    guardrail_probes: tuple[str, ...] = ()
+    """Benchmark probe groups (the rows' `probe` field, e.g. general, task) whose rates the triggers and
+    the best-checkpoint constraint watch, each against its own baseline; [] = every group."""
     early_stopping: bool = True
     """Stop the run when a guardrail triggers (false: record the trigger and keep training)."""
 
@@ -641,7 +649,7 @@ _AT_LEAST = {
     "llm_last": 0, "vit_last": 0, "lora_rank": 1, "lora_alpha": 1, "crop_jitter_k": 1,
     "max_length": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
     "gradient_accumulation_steps": 1, "seed": 0, "eval_steps": 1, "save_steps": 1,
-    "logging_steps": 1, "max_new_tokens": 1, "eval_max_samples": 1, "irrelevant_patience": 1,
+    "logging_steps": 1, "max_new_tokens": 1, "eval_max_samples": 1, "exact_match_samples": 0, "irrelevant_patience": 1,
     "hallucination_patience": 1, "gap_patience": 1, "caption_patience": 1, "nproc": 1,
 }
 _LEARNING_RATES = ("learning_rate", "vit_lr", "aligner_lr")  # > 0

@@ -21,10 +21,10 @@ def run_demo(variants: tuple[str, ...] = STUDY_PRIORITY, jobs: int = 1) -> int:
     t0 = time.time()
     print("== 1/3 toy world and base ==", flush=True)
     report = build_toy(progress=True)
-    m = report["stage3"]["metrics"]
-    print(f"toy base ready: irrelevant pass {m['irrelevant_pass']['rate']:.2f}, hallucination "
-          f"{m['hallucination']['rate']:.2f}, object accuracy {m['object_accuracy']['rate']:.2f} "
-          f"({time.time() - t0:.0f}s so far)", flush=True)
+    for probe, m in report["stage3"]["metrics"]["probes"].items():
+        print(f"toy base, {probe} prompt: irrelevant pass {m['irrelevant_pass']['rate']:.2f}, hallucination "
+              f"{m['hallucination']['rate']:.2f}, object accuracy {m['object_accuracy']['rate']:.2f}", flush=True)
+    print(f"toy base ready ({time.time() - t0:.0f}s so far)", flush=True)
 
     print(f"== 2/3 the study: {' '.join(variants)} ==", flush=True)
     statuses = run_matrix(plan_jobs(list(variants)), n_jobs=jobs)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import scoring
+from .metrics import DEFAULT_PROBE
 from .data import IGNORE_INDEX, Encoded, Encoder, Sample, collate_padded, encode_all, read_jsonl, text_of
 
 
@@ -127,10 +128,27 @@ def mean_loss(model, encoded: list, *, batch_size: int = 16, image_token_id: int
     return total / count if count else math.nan
 
 
+def probe_of(sample: Sample) -> str:
+    """The probe group of a benchmark row: its `probe` field (e.g. general, task), else DEFAULT_PROBE."""
+    return str(sample.extra.get("probe") or DEFAULT_PROBE)
+
+
 def benchmark_metrics(samples: list[Sample], generations: list[Generation], terms: dict, label: str) -> dict:
-    """Every answer-based guardrail metric of one pass over the benchmark, each rate with n and interval."""
-    by_kind: dict[str, list[tuple[Sample, Generation]]] = {}
+    """Every answer-based guardrail metric of one pass over the benchmark, per probe group.
+
+    Returns {probe: {metric: rate dict with n and interval}}; rows are grouped by their `probe` field
+    (the prompt they were asked under; DEFAULT_PROBE when absent), so each group is scored on its own.
+    """
+    groups: dict[str, list[tuple[Sample, Generation]]] = {}
     for s, g in zip(samples, generations):
+        groups.setdefault(probe_of(s), []).append((s, g))
+    return {probe: _group_metrics(pairs, terms, label) for probe, pairs in sorted(groups.items())}
+
+
+def _group_metrics(pairs: list[tuple[Sample, Generation]], terms: dict, label: str) -> dict:
+    """The answer-based metrics of one probe group's (sample, generation) pairs."""
+    by_kind: dict[str, list[tuple[Sample, Generation]]] = {}
+    for s, g in pairs:
         by_kind.setdefault(s.extra.get("kind", "in_domain"), []).append((s, g))
     irr = by_kind.get("irrelevant", [])
     ood = by_kind.get("ood", [])
@@ -144,15 +162,20 @@ def benchmark_metrics(samples: list[Sample], generations: list[Generation], term
         "hallucination_in_domain": scoring.hallucination_rate(answers(ind), objects(ind), terms),
         "object_accuracy": scoring.object_accuracy(answers(ind), objects(ind), terms),
         "object_recall": scoring.object_micro_recall(answers(ind), objects(ind), terms),
-        "blindness": scoring.blindness_rate([g.answer for g in generations], [g.hit_limit for g in generations]),
+        "blindness": scoring.blindness_rate([g.answer for _, g in pairs], [g.hit_limit for _, g in pairs]),
         "ood_label_rate": scoring.irrelevant_pass_rate(answers(ood), label),
     }
     return {k: v.as_dict() if isinstance(v, scoring.Rate) else v for k, v in metrics.items()}
 
 
+def task_exact_match(samples: list[Sample], generations: list[Generation]) -> scoring.Rate:
+    """Generated answers equal to the samples' reference answers (their last assistant turn), normalized."""
+    return scoring.exact_match_rate([g.answer for g in generations], [text_of(s) for s in samples])
+
+
 def samples_record(samples: list[Sample], generations: list[Generation]) -> list[dict]:
     """What gets saved under samples/: every prompt's source, kind, reference and generated answer."""
-    return [{"source": s.source, "kind": s.extra.get("kind"), "image_kind": s.extra.get("image_kind"),
+    return [{"source": s.source, "kind": s.extra.get("kind"), "probe": probe_of(s), "image_kind": s.extra.get("image_kind"),
              "objects": s.extra.get("objects"), "reference": text_of(s) if s.messages[-1]["role"] == "assistant"
              else None, **asdict(g)} for s, g in zip(samples, generations)]
 
@@ -173,7 +196,7 @@ def crop_consistency(model, encoder: Encoder, samples: list[Sample], cfg, ranks=
     full = generate(model, encoder, samples, batch_size=cfg.per_device_eval_batch_size,
                     max_new_tokens=cfg.max_new_tokens, ranks=ranks)
     jittered = [s for s in samples for _ in range(k)]
-    rngs = [random.Random(cfg.seed * 1000 + i) for i in range(len(jittered))]  # the same crops every evaluation
+    rngs = [random.Random(EVAL_SEED * 1000 + i) for i in range(len(jittered))]  # the same crops every evaluation
     augments = [lambda im, r=r: crop_jitter(im, r, 0.5) for r in rngs]
     crops = generate(model, encoder, jittered, batch_size=cfg.per_device_eval_batch_size,
                      max_new_tokens=cfg.max_new_tokens, augments=augments, ranks=ranks)
@@ -197,7 +220,13 @@ class EvalSet:
     spotcheck: list[Sample]
     terms: dict
     crops: list[Sample] = field(default_factory=list)
+    exact: list[Sample] = field(default_factory=list)  # validation samples whose generated answer is scored
     skipped_val: list[str] = field(default_factory=list)  # validation samples that could not be encoded
+
+
+# The evaluation samples (benchmark, training subset, exact-match subset, crops) are drawn with this seed, not the
+# run's: replicate runs under other seeds are then measured on the same samples as each other and as A0.
+EVAL_SEED = 0
 
 
 def _subset(items: list, n: int, seed: int) -> list:
@@ -207,10 +236,13 @@ def _subset(items: list, n: int, seed: int) -> list:
 
 
 def _bench_subset(samples: list[Sample], per_kind: int, seed: int) -> list[Sample]:
-    """At most `per_kind` samples of each benchmark kind, the same ones at every evaluation."""
+    """At most `per_kind` samples of each benchmark kind in each probe group, the same ones at every
+    evaluation (groups that ask the same images in the same order keep the same images)."""
     out = []
-    for kind in ("irrelevant", "ood", "in_domain"):
-        out += _subset([s for s in samples if s.extra.get("kind", "in_domain") == kind], per_kind, seed)
+    for probe in sorted({probe_of(s) for s in samples}):
+        for kind in ("irrelevant", "ood", "in_domain"):
+            out += _subset([s for s in samples if probe_of(s) == probe and s.extra.get("kind", "in_domain") == kind],
+                           per_kind, seed)
     return out
 
 
@@ -229,11 +261,19 @@ def build_evalset(cfg, encoder: Encoder, files: dict[str, Path], train_samples: 
     spot, _ = read_jsonl(files["spotcheck_file"], need_assistant=False)
     encode = lambda samples: encode_all(encoder, samples, on_bad_sample=cfg.on_bad_sample)  # noqa: E731
     val_encoded, _, skipped_val = encode(val)
-    crops = [s for s in _bench_subset(bench, 8, cfg.seed) if s.extra.get("kind") == "ood"] if cfg.crop_jitter_k else []
-    return EvalSet(val=val_encoded, train_subset=encode(_subset(train_samples, len(val), cfg.seed))[0],
-                   general=encode(general)[0], bench=_bench_subset(bench, cfg.eval_max_samples, cfg.seed),
+    crops = [s for s in _bench_subset(bench, 8, EVAL_SEED) if s.extra.get("kind") == "ood"] if cfg.crop_jitter_k else []
+    probes = {probe_of(s) for s in bench}
+    unknown = sorted(set(cfg.guardrail_probes) - probes)
+    if unknown:
+        from .errors import ConfigError
+
+        raise ConfigError(f"guardrail_probes = {list(cfg.guardrail_probes)}: {', '.join(unknown)} not among the probe "
+                          f"groups of bench_file {files['bench_file']} ({', '.join(sorted(probes))}). Fix: name groups "
+                          "the benchmark's `probe` fields use, or [] for all of them.")
+    return EvalSet(val=val_encoded, train_subset=encode(_subset(train_samples, len(val), EVAL_SEED))[0],
+                   general=encode(general)[0], bench=_bench_subset(bench, cfg.eval_max_samples, EVAL_SEED),
                    spotcheck=spot, terms=scoring.load_terms(files["terms_file"]), crops=crops,
-                   skipped_val=skipped_val)
+                   exact=_subset(val, cfg.exact_match_samples, EVAL_SEED), skipped_val=skipped_val)
 
 
 def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | None,
@@ -266,7 +306,11 @@ def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | N
                                                max_new_tokens=cfg.max_new_tokens, ranks=ranks))
     record = {"step": step, "eval_loss": eval_loss, "train_loss": train_loss, "gap": eval_loss - train_loss,
               "general_loss": loss(es.general)}
-    record |= benchmark_metrics(es.bench, gens, es.terms, cfg.irrelevant_label)
+    record["probes"] = benchmark_metrics(es.bench, gens, es.terms, cfg.irrelevant_label)
+    if es.exact:
+        answers = timed("exact match", lambda: generate(model, encoder, es.exact, batch_size=cfg.per_device_eval_batch_size,
+                                                        max_new_tokens=cfg.max_new_tokens, ranks=ranks))
+        record["task_exact_match"] = task_exact_match(es.exact, answers).as_dict()
     captions = timed("captions", caption_answers, model, encoder, es.spotcheck, cfg, ranks)
     record["crop"] = timed("crops", crop_consistency, model, encoder, es.crops, cfg, ranks) if es.crops else None
     record["captions"] = captions  # the caption baseline of later runs when this is A0's step 0

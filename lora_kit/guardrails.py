@@ -11,6 +11,9 @@ Conventions every function here follows:
 - Step 0 is the evaluation before training: it can be the baseline, never a bad evaluation.
 - Records count in step order; when a step appears twice (a resumed run evaluates it again), the
   later record of that step counts.
+- The rate guardrails (irrelevant pass, hallucination) and the best-checkpoint constraint apply per
+  probe group (metrics.py): each gating group (guardrail_probes, default every group of the baseline)
+  against the same group of the baseline. A trigger names its group in `probe`.
 - Thresholds are crossed only strictly ("drops more than 20%"), with 1e-9 of slack for float
   rounding: 24/32 against a baseline of 30/32 less 20% (0.9375 * 0.8 = 0.7500000000000001 in
   floats) is exactly a 20% drop and does not count.
@@ -26,6 +29,8 @@ from typing import Any
 
 from . import scoring
 from .errors import DataError, LoraKitError
+from .metrics import DEFAULT_PROBE, probe_metrics
+from .metrics import value as metric_value
 from .rundir import append_jsonl, read_jsonl_records
 
 TRIGGER_NAMES = ("non_finite_loss", "irrelevant_drop", "hallucination_rise", "gap_widening",
@@ -42,6 +47,12 @@ class Trigger:
     step: int
     values: dict[str, Any]  # the numbers that fired it, baseline and threshold included
     message: str
+    probe: str | None = None  # the probe group whose rates fired it (rate guardrails only)
+
+    @property
+    def key(self) -> str:
+        """The guardrail's name, with its probe group for a rate guardrail: `hallucination_rise@task`."""
+        return f"{self.name}@{self.probe}" if self.probe else self.name
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict for summary.json."""
@@ -59,9 +70,10 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _rate(record: Mapping | None, key: str) -> float | None:
-    """The rate of a Rate dict (or a bare number) in the record; None when missing (see module doc)."""
-    value = record.get(key) if record else None
+def _rate(record: Mapping | None, key: str, probe: str = DEFAULT_PROBE) -> float | None:
+    """The rate of a Rate dict (or a bare number) in the record (in `probe`'s group for a benchmark metric);
+    None when missing (see module doc)."""
+    value = metric_value(record, key, probe)
     if isinstance(value, Mapping):
         if value.get("n") == 0:
             return None
@@ -84,6 +96,13 @@ def _caption_degraded(record: Mapping) -> bool | None:
     caption = record.get("caption")
     degraded = caption.get("degraded") if isinstance(caption, Mapping) else None
     return degraded if isinstance(degraded, bool) else None
+
+
+def gating_probes(baseline: Mapping | None, cfg: Any) -> list[str]:
+    """The probe groups the rate guardrails and the best-checkpoint constraint watch: cfg.guardrail_probes,
+    else every group the baseline measured (DEFAULT_PROBE when it has none)."""
+    chosen = list(getattr(cfg, "guardrail_probes", ()) or ())
+    return chosen or list(probe_metrics(baseline)) or [DEFAULT_PROBE]
 
 
 def _evaluations(history: Sequence[Mapping]) -> list[Mapping]:
@@ -163,14 +182,39 @@ def active_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any,
     evals = _evaluations(apply_verdicts(history, verdicts) if verdicts is not None else history)
     if not evals:
         return []
+    probes = gating_probes(baseline, cfg)
     found = [
         _non_finite_loss(evals[-1], baseline),
-        _irrelevant_drop(evals, baseline, cfg),
-        _hallucination_rise(evals, baseline, cfg),
+        *(_irrelevant_drop(evals, baseline, cfg, p) for p in probes),
+        *(_hallucination_rise(evals, baseline, cfg, p) for p in probes),
         _gap_widening(evals, cfg),
         _caption_degraded_trigger(evals, cfg),
     ]
     return [t for t in found if t is not None]
+
+
+def first_bad_steps(history: Sequence[Mapping], baseline: Mapping, cfg: Any,
+                    verdicts: Sequence[Mapping] | None = None) -> dict[str, int]:
+    """Where each guardrail first moved: guardrail key -> the first step after 0 whose evaluation was bad by
+    that guardrail's own test, whether or not it went on to fire (its patience); guardrails that never moved
+    are absent. A rate guardrail is keyed per probe group (`irrelevant_drop@task`), as Trigger.key gives."""
+    evals = _evaluations(apply_verdicts(history, verdicts) if verdicts is not None else history)
+    eager = _Eager(cfg)
+    first: dict[str, int] = {}
+    for i in range(1, len(evals)):
+        for trigger in active_triggers(evals[:i + 1], baseline, eager):
+            first.setdefault(trigger.key, evals[i]["step"])
+    return first
+
+
+class _Eager:
+    """A config whose every patience is 1: its triggers hold at the first bad evaluation."""
+
+    def __init__(self, cfg: Any):
+        self._cfg = cfg
+
+    def __getattr__(self, name: str) -> Any:
+        return 1 if name.endswith("_patience") else getattr(self._cfg, name)
 
 
 def _non_finite_loss(latest: Mapping, baseline: Mapping) -> Trigger | None:
@@ -186,15 +230,19 @@ def _non_finite_loss(latest: Mapping, baseline: Mapping) -> Trigger | None:
                    "give finite numbers (this trigger does not wait for a second evaluation).")
 
 
-def _irrelevant_drop(evals: list[Mapping], baseline: Mapping, cfg: Any) -> Trigger | None:
-    base = _rate(baseline, "irrelevant_pass")
+def _under(probe: str) -> str:
+    return f"under the {probe} prompt"
+
+
+def _irrelevant_drop(evals: list[Mapping], baseline: Mapping, cfg: Any, probe: str = DEFAULT_PROBE) -> Trigger | None:
+    base = _rate(baseline, "irrelevant_pass", probe)
     relative = base * (1 - cfg.irrelevant_drop_max) if base is not None else None
     bound = max(relative, cfg.irrelevant_min) if relative is not None else cfg.irrelevant_min
-    rates = [_rate(r, "irrelevant_pass") for r in evals]
+    rates = [_rate(r, "irrelevant_pass", probe) for r in evals]
     run = _trailing_bad(evals, [x is not None and x < bound - _EPS for x in rates])
     if len(run) < cfg.irrelevant_patience:
         return None
-    run_rates = [_rate(r, "irrelevant_pass") for r in run]
+    run_rates = [_rate(r, "irrelevant_pass", probe) for r in run]
     if relative is None:
         why = f"the {_pct(cfg.irrelevant_min)} minimum (no baseline rate)"
     else:
@@ -204,28 +252,29 @@ def _irrelevant_drop(evals: list[Mapping], baseline: Mapping, cfg: Any) -> Trigg
         "irrelevant_drop", run[-1]["step"],
         {"rates": run_rates, "steps": [r["step"] for r in run], "baseline": base,
          "relative_threshold": relative, "irrelevant_min": cfg.irrelevant_min, "threshold": bound,
-         "drop_max": cfg.irrelevant_drop_max, "patience": cfg.irrelevant_patience},
-        f"Irrelevant-image pass rate was {_at_steps(run_rates, run, _pct)}, below {why}, "
-        f"for {len(run)} consecutive evaluations.")
+         "drop_max": cfg.irrelevant_drop_max, "patience": cfg.irrelevant_patience, "probe": probe},
+        f"Irrelevant-image pass rate {_under(probe)} was {_at_steps(run_rates, run, _pct)}, below {why}, "
+        f"for {len(run)} consecutive evaluations.", probe)
 
 
-def _hallucination_rise(evals: list[Mapping], baseline: Mapping, cfg: Any) -> Trigger | None:
-    base = _rate(baseline, "hallucination")
+def _hallucination_rise(evals: list[Mapping], baseline: Mapping, cfg: Any, probe: str = DEFAULT_PROBE
+                        ) -> Trigger | None:
+    base = _rate(baseline, "hallucination", probe)
     if base is None:
         return None
     bound = base + cfg.hallucination_rise_max
-    rates = [_rate(r, "hallucination") for r in evals]
+    rates = [_rate(r, "hallucination", probe) for r in evals]
     run = _trailing_bad(evals, [x is not None and x > bound + _EPS for x in rates])
     if len(run) < cfg.hallucination_patience:
         return None
-    run_rates = [_rate(r, "hallucination") for r in run]
+    run_rates = [_rate(r, "hallucination", probe) for r in run]
     return Trigger(
         "hallucination_rise", run[-1]["step"],
         {"rates": run_rates, "steps": [r["step"] for r in run], "baseline": base, "threshold": bound,
-         "rise_max": cfg.hallucination_rise_max, "patience": cfg.hallucination_patience},
-        f"Hallucination rate on OOD images was {_at_steps(run_rates, run, _pct)}, above {_pct(bound)} "
-        f"(baseline {_pct(base)} plus {cfg.hallucination_rise_max * 100:g} points), "
-        f"for {len(run)} consecutive evaluations.")
+         "rise_max": cfg.hallucination_rise_max, "patience": cfg.hallucination_patience, "probe": probe},
+        f"Hallucination rate on OOD images {_under(probe)} was {_at_steps(run_rates, run, _pct)}, above "
+        f"{_pct(bound)} (baseline {_pct(base)} plus {cfg.hallucination_rise_max * 100:g} points), "
+        f"for {len(run)} consecutive evaluations.", probe)
 
 
 def _gap_widening(evals: list[Mapping], cfg: Any) -> Trigger | None:
@@ -450,14 +499,20 @@ def choose_best(history: Sequence[Mapping], baseline: Mapping, cfg: Any) -> dict
     "metrics" (the record), "feasible_steps", "rejected" ([{"step", "checkpoint", "why"}]),
     "reason"}; checkpoint, step, eval_loss and metrics are None when no checkpoint qualifies.
     """
-    base_irr, base_hal = _rate(baseline, "irrelevant_pass"), _rate(baseline, "hallucination")
-    floor = base_irr - cfg.best_irrelevant_margin if base_irr is not None else None
-    ceiling = base_hal + cfg.best_hallucination_margin if base_hal is not None else None
+    bounds = []  # (probe, floor of irrelevant pass, ceiling of hallucination) per gating group
     rules = []
-    rules.append(f"irrelevant pass >= {_pct(floor)} (baseline {_pct(base_irr)} - {_pct(cfg.best_irrelevant_margin)})"
-                 if floor is not None else "irrelevant pass not constrained (the baseline has no rate)")
-    rules.append(f"hallucination <= {_pct(ceiling)} (baseline {_pct(base_hal)} + {_pct(cfg.best_hallucination_margin)})"
-                 if ceiling is not None else "hallucination not constrained (the baseline has no rate)")
+    for probe in gating_probes(baseline, cfg):
+        base_irr, base_hal = _rate(baseline, "irrelevant_pass", probe), _rate(baseline, "hallucination", probe)
+        floor = base_irr - cfg.best_irrelevant_margin if base_irr is not None else None
+        ceiling = base_hal + cfg.best_hallucination_margin if base_hal is not None else None
+        bounds.append((probe, floor, ceiling))
+        under = f" {_under(probe)}"
+        rules.append(f"irrelevant pass{under} >= {_pct(floor)} (baseline {_pct(base_irr)} - "
+                     f"{_pct(cfg.best_irrelevant_margin)})" if floor is not None
+                     else f"irrelevant pass{under} not constrained (the baseline has no rate)")
+        rules.append(f"hallucination{under} <= {_pct(ceiling)} (baseline {_pct(base_hal)} + "
+                     f"{_pct(cfg.best_hallucination_margin)})" if ceiling is not None
+                     else f"hallucination{under} not constrained (the baseline has no rate)")
     rules_text = " and ".join(rules)
 
     feasible: list[tuple[float, int, Mapping]] = []
@@ -469,18 +524,20 @@ def choose_best(history: Sequence[Mapping], baseline: Mapping, cfg: Any) -> dict
         loss = _number(record.get("eval_loss"))
         if loss is None:
             why.append(f"eval loss is {record.get('eval_loss')!r}")
-        if floor is not None:
-            x = _rate(record, "irrelevant_pass")
-            if x is None:
-                why.append("irrelevant pass not measured")
-            elif x < floor - _EPS:
-                why.append(f"irrelevant pass {_pct(x)} < {_pct(floor)}")
-        if ceiling is not None:
-            x = _rate(record, "hallucination")
-            if x is None:
-                why.append("hallucination not measured")
-            elif x > ceiling + _EPS:
-                why.append(f"hallucination {_pct(x)} > {_pct(ceiling)}")
+        for probe, floor, ceiling in bounds:
+            under = f" {_under(probe)}"
+            if floor is not None:
+                x = _rate(record, "irrelevant_pass", probe)
+                if x is None:
+                    why.append(f"irrelevant pass{under} not measured")
+                elif x < floor - _EPS:
+                    why.append(f"irrelevant pass{under} {_pct(x)} < {_pct(floor)}")
+            if ceiling is not None:
+                x = _rate(record, "hallucination", probe)
+                if x is None:
+                    why.append(f"hallucination{under} not measured")
+                elif x > ceiling + _EPS:
+                    why.append(f"hallucination{under} {_pct(x)} > {_pct(ceiling)}")
         if why:
             rejected.append({"step": record["step"], "checkpoint": record["checkpoint"], "why": "; ".join(why)})
         else:

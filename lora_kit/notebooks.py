@@ -116,13 +116,17 @@ def summary_notebook() -> nbformat.NotebookNode:
         new_markdown_cell(textwrap.dedent("""\
             ## The frontier: task fit against generalization
 
-            Eval loss (task fit) against the irrelevant-image pass rate and against the OOD hallucination rate.
-            Orange points connected by the line are the Pareto front of the feasible runs: no other run is at
-            least as good on both axes and better on one. Hollow squares had no feasible checkpoint.""")),
+            Eval loss (task fit) against the irrelevant-image pass rate and against the OOD hallucination rate, in
+            each probe group the guardrails watch (the benchmark asked under the general prompt and under the task
+            prompt). Orange points connected by the line are the Pareto front of the feasible runs: no other run is
+            at least as good on both axes and better on one. Hollow squares had no feasible checkpoint.""")),
         new_code_cell(textwrap.dedent("""\
-            fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-            frontier.plot_frontier(df, "best_eval_loss", "irrelevant_pass", ax=axes[0])
-            frontier.plot_frontier(df, "best_eval_loss", "hallucination", ax=axes[1]);""")),
+            probes = frontier.study_probes(df)
+            fig, axes = plt.subplots(2, len(probes), figsize=(7 * len(probes), 10), squeeze=False)
+            for i, probe in enumerate(probes):
+                frontier.plot_frontier(df, "best_eval_loss", f"irrelevant_pass@{probe}", ax=axes[0][i])
+                frontier.plot_frontier(df, "best_eval_loss", f"hallucination@{probe}", ax=axes[1][i])
+            fig.tight_layout()""")),
         new_markdown_cell("## Each metric over llm_last × vit_last\n\n"
                           "The study grid at its common settings (LR-grid and restart runs are left out here)."),
         new_code_cell("frontier.plot_heatmaps(df);"),

@@ -124,6 +124,14 @@ def false_refusal_rate(answers: Sequence[str], label: str) -> Rate:
     return rate(sum(contains_label(a, label) for a in answers), len(answers))
 
 
+def exact_match_rate(answers: Sequence[str], references: Sequence[str]) -> Rate:
+    """Fraction of answers equal to their reference after ``normalize_label`` (NFKC, no punctuation,
+    symbols or spaces, casefolded): the task metric of a structured answer such as 图形：红色圆形，蓝色三角形,
+    where order and every named item count but spacing and punctuation style do not."""
+    _check_same_length("answers", answers, "references", references)
+    return rate(sum(normalize_label(a) == normalize_label(r) for a, r in zip(answers, references)), len(answers))
+
+
 # ----------------------------------------------------------------------------- terms and objects
 
 

@@ -31,6 +31,7 @@ from .data import (AugmentedDataset, Encoded, Encoder, collate_padded, collate_r
 from .device import compute_device, compute_dtype
 from .errors import ConfigError, LoraKitError
 from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record, to_device
+from .metrics import METRICS, probe_metrics
 from .paths import REPO_ROOT, runs_dir
 from .prefix import FrozenPrefix, plan_prefix
 from .rundir import RunFolder
@@ -257,14 +258,20 @@ class GuardrailCallback(TrainerCallback):
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run.path / "tb" / "guardrails"))
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                self.tb.add_scalar(f"guardrails/{key}", value, record["step"])
-            elif isinstance(value, dict):
-                for k, v in value.items():
-                    if k in ("rate", "mean_chrf_vs_baseline", "agreement_rate", "label_flip_rate", "mean_chrf") \
-                            and isinstance(v, (int, float)) and v == v:
-                        self.tb.add_scalar(f"guardrails/{key}" + ("" if k == "rate" else f"_{k}"), v, record["step"])
+        def scalar(tag: str, value) -> None:
+            value = value.get("rate") if isinstance(value, dict) else value
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.tb.add_scalar(f"guardrails/{tag}", value, record["step"])
+
+        for m in METRICS:  # every metric of the table, a probe metric once per probe group
+            if m.scope == "run":
+                scalar(m.name, record.get(m.name))
+            for probe, values in probe_metrics(record).items() if m.scope == "probe" else ():
+                scalar(f"{probe}/{m.name}", values.get(m.name))
+        for key in ("mean_chrf_vs_baseline",):
+            scalar(f"caption_{key}", (record.get("caption") or {}).get(key))
+        for key in ("agreement_rate", "label_flip_rate", "mean_chrf"):
+            scalar(f"crop_{key}", (record.get("crop") or {}).get(key))
         self.tb.flush()
 
     def evaluate_and_check(self, model, step: int, epoch: float) -> guardrails.Trigger | None:
@@ -469,10 +476,14 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         summary = {
             "variant": cfg.variant_name, "status": status,
             "stop_reason": trig.name if trig else None, "stop_step": trig.step if trig else None,
+            "stop_probe": trig.probe if trig else None,
             "stop_values": trig.values if trig else None, "stop_message": trig.message if trig else None,
             "steps": history[-1]["step"], "baseline_source": callback.baseline_source,
-            "baseline": {k: callback.baseline.get(k) for k in ("step", "eval_loss", "irrelevant_pass",
-                                                                "hallucination", "gap")},
+            "baseline": {k: callback.baseline.get(k) for k in ("step", "eval_loss", "gap", "general_loss",
+                                                                "task_exact_match", "probes")},
+            "guardrail_probes": guardrails.gating_probes(callback.baseline, cfg),
+            # where each guardrail first moved (its test failed once), whether or not it then fired
+            "first_bad_steps": guardrails.first_bad_steps(history, callback.baseline, cfg, callback.run.verdicts()),
             "best": best, "targets": {"counts": plan.counts(), "llm_layers": plan.llm_layers,
                                       "vit_blocks": plan.vit_blocks},
             "llm_last": plan.llm_last, "vit_last": plan.vit_last, "trainable_parameters": trainable,
@@ -498,7 +509,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
 # What the step-0 evaluation depends on besides the weights: equal in A0's run and this one, its record
 # is this run's step 0 (the weights are the same: LoRA's B starts at zero, modules_to_save start as copies).
 STEP0_SETTINGS = ("model", "trust_remote_code", "irrelevant_label", "max_length", "per_device_eval_batch_size",
-                  "max_new_tokens", "eval_max_samples", "seed", "crop_jitter_k", "caption_chrf_min", "on_bad_sample")
+                  "max_new_tokens", "eval_max_samples", "exact_match_samples", "crop_jitter_k", "caption_chrf_min",
+                  "on_bad_sample")  # not seed: evaluation samples are drawn with evaluate.EVAL_SEED
 
 
 def shared_step0(cfg: RunConfig, run: RunFolder, mine: dict, a0_variant: str = "A0") -> dict | None:

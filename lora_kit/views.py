@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .metrics import BY_NAME, column, probe_metrics, shown, title
 from .rundir import read_jsonl_records
 
 
@@ -40,10 +41,15 @@ def show_plan(cfg) -> pd.DataFrame:
 
 
 def flatten_record(record: dict) -> dict:
-    """One metrics.jsonl record as flat columns: a rate gives <m>, <m>_n, <m>_lo, <m>_hi; another dict gives
-    <key>_<field> for its scalar fields; lists (captions) are left out."""
+    """One metrics.jsonl record as flat columns: a rate gives <m>, <m>_n, <m>_lo, <m>_hi; a probe group's
+    metrics are columns <m>@<probe> (metrics.column); another dict gives <key>_<field> for its scalar
+    fields; lists (captions) are left out."""
     flat = {}
+    for probe, values in probe_metrics(record).items():
+        flat |= flatten_record({column(m, probe): v for m, v in values.items()})
     for k, v in record.items():
+        if k == "probes" or (k in BY_NAME and BY_NAME[k].scope == "probe"):
+            continue  # the probe groups' metrics, flattened above
         if isinstance(v, dict) and "rate" in v:
             flat |= {k: v.get("rate"), f"{k}_n": v.get("n"), f"{k}_lo": v.get("lo"), f"{k}_hi": v.get("hi")}
         elif isinstance(v, dict):
@@ -78,20 +84,24 @@ def plot_run(run_dir: str | Path):
     ax.set(title="losses", xlabel="step")
     ax.legend()
     ax = axes[1]
-    if "irrelevant_pass" in df:
-        ax.plot(df["step"], df["irrelevant_pass"], marker="o", label="irrelevant pass")
-        ax.fill_between(df["step"], df["irrelevant_pass_lo"], df["irrelevant_pass_hi"], alpha=0.2)
-        b = (base.get("irrelevant_pass") or {}).get("rate")
-        if b is not None:
-            ax.axhline(b * (1 - params["irrelevant_drop_max"]), ls="--", c="C0", label="drop threshold")
-        ax.axhline(params["irrelevant_min"], ls=":", c="C0", label="absolute minimum")
-    if "hallucination" in df:
-        ax.plot(df["step"], df["hallucination"], marker="s", c="C3", label="hallucination (OOD)")
-        ax.fill_between(df["step"], df["hallucination_lo"], df["hallucination_hi"], alpha=0.2, color="C3")
-        b = (base.get("hallucination") or {}).get("rate")
-        if b is not None:
-            ax.axhline(b + params["hallucination_rise_max"], ls="--", c="C3", label="hallucination threshold")
-    ax.set(title="guardrail rates (95% Wilson)", xlabel="step", ylim=(-0.05, 1.05))
+    base_groups = probe_metrics(base)
+    for i, probe in enumerate(summary.get("guardrail_probes") or list(base_groups)):
+        styles = {"irrelevant_pass": ("o", "-"), "hallucination": ("s", "--")}
+        for metric, (marker, ls) in styles.items():
+            col = column(metric, probe)
+            if col not in df:
+                continue
+            colour = f"C{2 * i + (metric == 'hallucination')}"
+            ax.plot(df["step"], df[col], marker=marker, ls=ls, c=colour, label=title(col))
+            ax.fill_between(df["step"], df[f"{col}_lo"].astype(float), df[f"{col}_hi"].astype(float), alpha=0.15,
+                            color=colour)
+            b = ((base_groups.get(probe) or {}).get(metric) or {}).get("rate")
+            if b is None:
+                continue
+            bound = (max(b * (1 - params["irrelevant_drop_max"]), params["irrelevant_min"]) if metric == "irrelevant_pass"
+                     else b + params["hallucination_rise_max"])
+            ax.axhline(bound, ls=":", c=colour, lw=1, label=f"trigger bound [{probe}]")
+    ax.set(title="guardrail rates per probe group (bands: Wilson 95%)", xlabel="step", ylim=(-0.05, 1.05))
     ax.legend(fontsize=7)
     ax = axes[2]
     if "gap" in df:
@@ -118,12 +128,12 @@ def show_run(run_dir: str | Path) -> pd.DataFrame:
     best = summary.get("best") or {}
     print(f"status: {summary['status']}" + (f", stopped by {summary['stop_reason']} at step {summary['stop_step']}: "
                                             f"{summary.get('stop_message')}" if summary.get("stop_reason") else ""))
-    print(f"baseline: {summary.get('baseline_source')}")
+    print(f"baseline: {summary.get('baseline_source')}; guardrails watch the probe groups "
+          f"{', '.join(summary.get('guardrail_probes') or []) or 'of the benchmark'}")
     print(f"best checkpoint: {best.get('checkpoint')} ({best.get('reason')})")
     df = metrics_frame(run_dir)
-    cols = [c for c in ("step", "eval_loss", "train_loss", "gap", "general_loss", "irrelevant_pass",
-                        "hallucination", "object_accuracy", "false_refusal", "blindness", "caption_degraded")
-            if c in df]
+    cols = ["step"] + [c for c in df.columns if c.split("@")[0] in {m.name for m in shown("run")}
+                       and not c.endswith(("_n", "_lo", "_hi"))] + [c for c in ("caption_degraded",) if c in df]
     return df[cols]
 
 

@@ -296,8 +296,8 @@ def test_choose_best_lowest_eval_loss_among_feasible_only():
     assert best["step"] == 100 and best["checkpoint"] == "checkpoints/checkpoint-100" and best["eval_loss"] == 0.45
     assert best["feasible_steps"] == [25, 100] and best["metrics"]["step"] == 100
     assert [x["step"] for x in best["rejected"]] == [50, 75]
-    assert "irrelevant pass 70.0% < 80.0%" in best["rejected"][0]["why"]
-    assert "hallucination 25.0% > 20.0%" in best["rejected"][1]["why"]
+    assert "irrelevant pass under the general prompt 70.0% < 80.0%" in best["rejected"][0]["why"]
+    assert "hallucination under the general prompt 25.0% > 20.0%" in best["rejected"][1]["why"]
     assert "step 100" in best["reason"]
 
 
@@ -311,8 +311,8 @@ def test_choose_best_none_with_reasons():
     history = [BASE, ck(25, 0.3, irr=0.5), ck(50, 0.2, hal=0.5), ck(75, float("nan")), ck(100, 0.1, irr=None)]
     best = choose_best(history, BASE, CFG)
     assert best["checkpoint"] is None and best["step"] is None and best["feasible_steps"] == []
-    for text in ("step 25", "irrelevant pass 50.0% < 80.0%", "step 50", "hallucination 50.0% > 20.0%",
-                 "step 75", "eval loss is nan", "step 100", "irrelevant pass not measured"):
+    for text in ("step 25", "irrelevant pass under the general prompt 50.0% < 80.0%", "step 50", "hallucination under the general prompt 50.0% > 20.0%",
+                 "step 75", "eval loss is nan", "step 100", "irrelevant pass under the general prompt not measured"):
         assert text in best["reason"]
     assert "no evaluation record has a checkpoint" in choose_best([BASE, rec(25)], BASE, CFG)["reason"]
 
@@ -320,7 +320,7 @@ def test_choose_best_none_with_reasons():
 def test_choose_best_without_a_baseline_rate_skips_that_constraint():
     base = rec(0, irr=None, hal=0.1)
     best = choose_best([base, ck(25, 0.3, irr=None)], base, CFG)
-    assert best["step"] == 25 and "irrelevant pass not constrained" in best["reason"]
+    assert best["step"] == 25 and "irrelevant pass under the general prompt not constrained" in best["reason"]
 
 
 # ---- baseline_record -----------------------------------------------------------------------------
@@ -394,3 +394,58 @@ def test_read_metrics_refuses_a_bad_line_in_the_middle(tmp_path):
         read_metrics(path)
     with pytest.raises(ValueError, match="step"):
         append_metrics(path, {"eval_loss": 0.3})
+
+
+# ---- probe groups ----------------------------------------------------------------------------------
+
+
+def grouped(step, general=(0.9, 0.1), task=(0.9, 0.1), eval_loss=0.5, checkpoint=None):
+    """A record whose benchmark was asked under two prompts: (irrelevant pass, hallucination) per group."""
+    return {"step": step, "eval_loss": eval_loss, "checkpoint": checkpoint,
+            "probes": {"general": {"irrelevant_pass": r(general[0]), "hallucination": r(general[1])},
+                       "task": {"irrelevant_pass": r(task[0]), "hallucination": r(task[1])}}}
+
+
+GROUPED_BASE = grouped(0, general=(1.0, 0.0), task=(0.95, 0.05))
+
+
+def test_a_trigger_fires_in_one_probe_group_alone():
+    # task group: hallucination 0.05 -> 0.5 twice, above 0.05 + 0.15 = 0.20; the general group holds at 0.0
+    history = [GROUPED_BASE, grouped(25, general=(1.0, 0.0), task=(0.95, 0.5)),
+               grouped(50, general=(1.0, 0.0), task=(0.95, 0.5))]
+    triggers = active_triggers(history, GROUPED_BASE, CFG)
+    assert [(t.name, t.probe) for t in triggers] == [("hallucination_rise", "task")]
+    assert triggers[0].values["baseline"] == 0.05 and triggers[0].values["threshold"] == pytest.approx(0.20)
+    assert "under the task prompt" in triggers[0].message
+    # watching only the general group, nothing fires
+    assert active_triggers(history, GROUPED_BASE, dataclasses.replace(CFG, guardrail_probes=("general",))) == []
+
+
+def test_the_irrelevant_bound_of_each_group_comes_from_its_own_baseline():
+    # general baseline 1.0 -> bound max(0.8, 0.8) = 0.8; task baseline 0.95 -> bound max(0.76, 0.8) = 0.8;
+    # 0.78 in the task group alone, twice, fires there and only there
+    history = [GROUPED_BASE, grouped(25, task=(0.78, 0.05)), grouped(50, task=(0.78, 0.05))]
+    assert [(t.name, t.probe) for t in active_triggers(history, GROUPED_BASE, CFG)] == [("irrelevant_drop", "task")]
+
+
+def test_the_best_checkpoint_constraint_excludes_a_checkpoint_failing_in_one_group():
+    # step 50 has the lowest loss but its task-prompt irrelevant pass 0.7 < 0.95 - 0.10 = 0.85
+    history = [GROUPED_BASE, grouped(25, eval_loss=0.4, checkpoint="checkpoints/checkpoint-25"),
+               grouped(50, task=(0.7, 0.05), eval_loss=0.3, checkpoint="checkpoints/checkpoint-50")]
+    best = choose_best(history, GROUPED_BASE, CFG)
+    assert best["step"] == 25 and best["feasible_steps"] == [25]
+    assert best["rejected"] == [{"step": 50, "checkpoint": "checkpoints/checkpoint-50",
+                                 "why": "irrelevant pass under the task prompt 70.0% < 85.0%"}]
+    # gating the general group alone, step 50 is feasible and wins
+    assert choose_best(history, GROUPED_BASE, dataclasses.replace(CFG, guardrail_probes=("general",)))["step"] == 50
+
+
+def test_first_bad_steps_say_where_each_guardrail_first_moved():
+    # task hallucination bad at 25 (0.3 > 0.20), fine at 50, bad at 75 and 100: first moved at 25, fired at 100;
+    # general irrelevant pass 0.7 < 0.8 once at 50 (patience 2: never fired)
+    history = [GROUPED_BASE, grouped(25, task=(0.95, 0.3)), grouped(50, general=(0.7, 0.0)),
+               grouped(75, task=(0.95, 0.3)), grouped(100, task=(0.95, 0.3))]
+    from lora_kit.guardrails import first_bad_steps
+
+    assert first_bad_steps(history, GROUPED_BASE, CFG) == {"hallucination_rise@task": 25, "irrelevant_drop@general": 50}
+    assert [t.key for t in active_triggers(history, GROUPED_BASE, CFG)] == ["hallucination_rise@task"]

@@ -382,3 +382,41 @@ def test_scoring_does_not_import_sacrebleu():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(name and name.startswith("sacrebleu") for name in imported)
+
+
+def test_exact_match_rate_against_hand_made_answers():
+    references = ["图形：红色圆形，蓝色三角形", "图形：黄色三角形", "无关图片", "图形：绿色圆形"]
+    answers = ["图形: 红色圆形, 蓝色三角形",  # ASCII punctuation and spaces: the same answer
+               "图形：黄色三角形，红色圆形",  # an object too many
+               "无关图片。",  # the label with a full stop
+               "图形：圆形"]  # colour missing
+    got = scoring.exact_match_rate(answers, references)
+    assert (got.k, got.n) == (2, 4) and got.rate == 0.5
+    assert (got.lo, got.hi) == pytest.approx(scoring.wilson_interval(2, 4))
+    # order counts: the structured answer lists objects in a fixed order
+    assert scoring.exact_match_rate(["图形：蓝色三角形，红色圆形"], ["图形：红色圆形，蓝色三角形"]).k == 0
+    assert scoring.exact_match_rate([], []).n == 0
+    with pytest.raises(ValueError, match="parallel"):
+        scoring.exact_match_rate(["a"], [])
+
+
+def test_benchmark_metrics_score_each_probe_group_on_its_own():
+    from lora_kit.data import Sample
+    from lora_kit.evaluate import Generation, benchmark_metrics
+
+    terms = {"colours": ["红色", "蓝色"], "shapes": ["圆形", "三角形"]}
+
+    def sample(kind, probe=None, objects=()):
+        extra = {"kind": kind, "objects": list(objects)} | ({"probe": probe} if probe else {})
+        return Sample(messages=[{"role": "user", "content": "<image>q"}], images=[], source="x:1", extra=extra)
+
+    rows = [(sample("irrelevant", "general"), "无关图片"), (sample("irrelevant", "task"), "图形：红色圆形"),
+            (sample("ood", "general"), "这是一张地图页面的截图。"), (sample("ood", "task"), "图形：蓝色三角形"),
+            (sample("ood"), "无关图片")]  # no probe field: the default group, general
+    m = benchmark_metrics([s for s, _ in rows], [Generation(a, False, 3) for _, a in rows], terms, "无关图片")
+    assert sorted(m) == ["general", "task"]
+    assert (m["general"]["irrelevant_pass"]["k"], m["general"]["irrelevant_pass"]["n"]) == (1, 1)
+    assert (m["task"]["irrelevant_pass"]["k"], m["task"]["irrelevant_pass"]["n"]) == (0, 1)
+    assert (m["general"]["hallucination"]["k"], m["general"]["hallucination"]["n"]) == (0, 2)
+    assert (m["task"]["hallucination"]["k"], m["task"]["hallucination"]["n"]) == (1, 1)
+    assert (m["general"]["ood_label_rate"]["k"], m["task"]["ood_label_rate"]["k"]) == (1, 0)

@@ -116,7 +116,8 @@ def test_sharded_evaluation_equals_the_single_process_record(toy_ckpt, mini_worl
     evalset = build_evalset(cfg, encoder, data_files(cfg))
     model = AutoModelForImageTextToText.from_pretrained(cfg.model)
     ref, ref_gens, ref_captions = guardrail_record(model, encoder, evalset, cfg, step=None, baseline_captions=None)
-    n_prompts = len(evalset.bench) + len(evalset.spotcheck) + len(evalset.crops) * (1 + cfg.crop_jitter_k)
+    n_prompts = (len(evalset.bench) + len(evalset.exact) + len(evalset.spotcheck)
+                 + len(evalset.crops) * (1 + cfg.crop_jitter_k))
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for form in ("fsdp1", "fsdp2"):
@@ -125,8 +126,11 @@ def test_sharded_evaluation_equals_the_single_process_record(toy_ckpt, mini_worl
             assert math.isclose(got["record"][key], ref[key], rel_tol=1e-4), (form, key, got["record"][key], ref[key])
         assert got["answers"] == [g.answer for g in ref_gens], form
         assert got["captions"] == ref_captions, form
-        for key in RATES:
-            assert (got["record"][key]["k"], got["record"][key]["n"]) == (ref[key]["k"], ref[key]["n"]), (form, key)
+        for probe, group in ref["probes"].items():
+            for key in RATES:
+                assert (got["record"]["probes"][probe][key]["k"], got["record"]["probes"][probe][key]["n"]) == \
+                    (group[key]["k"], group[key]["n"]), (form, probe, key)
+        assert got["record"]["task_exact_match"] == ref["task_exact_match"]
         assert got["record"]["crop"]["agreement_rate"] == pytest.approx(ref["crop"]["agreement_rate"])
         # every rank returns the same record, and each prompt was encoded once (plus at most one pad per call)
         assert ranks[1][form]["answers"] == got["answers"]

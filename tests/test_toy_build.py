@@ -29,7 +29,10 @@ def test_miniature_build_writes_both_stages_and_a_report_with_n(tmp_path, monkey
     for stage in ("stage2", "stage3"):
         assert (root / stage / "config.json").is_file() and (root / stage / "model.safetensors").is_file()
     m = report["stage3"]["metrics"]
-    assert m["irrelevant_pass"]["n"] == 3 and m["hallucination"]["n"] == 3 and m["object_accuracy"]["n"] == 3
+    assert sorted(m["probes"]) == ["general", "task"]  # the benchmark under the general and the task prompt
+    for group in m["probes"].values():
+        assert group["irrelevant_pass"]["n"] == 3 and group["hallucination"]["n"] == 3 and group["object_accuracy"]["n"] == 3
+    assert m["task_exact_match"]["n"] == MINI.world.n_task_val
     assert len(report["stage3"]["spotcheck_captions"]) == 5
     assert json.loads((root / "base_report.json").read_text())["key"] == MINI.key()
     # a second call returns the cached report without training again

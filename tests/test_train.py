@@ -24,7 +24,7 @@ def tiny_params(toy_ckpt: Path, world: Path, tmp_path: Path, **extra) -> Path:
         "spotcheck_file": str(world / "spotcheck.jsonl"), "terms_file": str(world / "terms.json"),
         "max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1,
         "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "eval_max_samples": 4,
-        "max_new_tokens": 6, "max_length": 256, "learning_rate": 5e-3, "vit_lr": 5e-3, "crop_jitter_k": 2,
+        "exact_match_samples": 4, "max_new_tokens": 6, "max_length": 256, "learning_rate": 5e-3, "vit_lr": 5e-3, "crop_jitter_k": 2,
         "output_dir": str(tmp_path / "runs"), **extra,
     }
     path = tmp_path / "tiny.yaml"
@@ -92,8 +92,10 @@ def test_train_notebook_with_papermill_writes_a_complete_run_folder(toy_ckpt, mi
     # metrics: step 0 plus every eval step, each with the guardrail metrics and their n
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics][0] == 0
-    for m in metrics:
-        assert m["irrelevant_pass"]["n"] == 4 and m["hallucination"]["n"] == 4
+    for m in metrics:  # per probe group of the mini world's benchmark (general and task prompts)
+        assert sorted(m["probes"]) == ["general", "task"]
+        assert all(g["irrelevant_pass"]["n"] == 4 and g["hallucination"]["n"] == 4 for g in m["probes"].values())
+        assert m["task_exact_match"]["n"] == 4
         assert abs(m["gap"] - (m["eval_loss"] - m["train_loss"])) < 1e-9
     assert params_json["code"]["commit"] and params_json["packages"]["transformers"].startswith("5.")
 
@@ -125,14 +127,14 @@ def test_a_guardrail_that_must_fire_stops_the_run_at_the_second_bad_evaluation(t
     summary = json.loads((run / "summary.json").read_text())
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 2, 4]
-    assert all(m["irrelevant_pass"]["rate"] < 1.0 for m in metrics)
+    assert all(m["probes"]["general"]["irrelevant_pass"]["rate"] < 1.0 for m in metrics)
     assert summary["status"] == "stopped_early" and summary["stop_reason"] == "irrelevant_drop"
     assert summary["stop_step"] == 4 and summary["steps"] == 4
     # best checkpoint: the lowest eval loss among checkpoints within the margins of the baseline
-    base = metrics[0]
-    feasible = [m for m in metrics if m["checkpoint"]
-                and m["irrelevant_pass"]["rate"] >= base["irrelevant_pass"]["rate"] - 0.10
-                and m["hallucination"]["rate"] <= base["hallucination"]["rate"] + 0.10]
+    base = metrics[0]["probes"]
+    feasible = [m for m in metrics if m["checkpoint"] and all(
+        m["probes"][p]["irrelevant_pass"]["rate"] >= base[p]["irrelevant_pass"]["rate"] - 0.10
+        and m["probes"][p]["hallucination"]["rate"] <= base[p]["hallucination"]["rate"] + 0.10 for p in base)]
     best = summary["best"]
     if feasible:
         expected = min(feasible, key=lambda m: (m["eval_loss"], m["step"]))
@@ -154,10 +156,11 @@ def test_evaluate_cli_scores_an_adapter_folder(toy_ckpt, mini_world, tmp_path):
     result = json.loads(out.read_text())
     recorded = [json.loads(l) for l in (tmp_path / "runs" / "E1" / "metrics.jsonl").read_text().splitlines()][-1]
     # the same weights and data give the same numbers as the training run's own evaluation
-    assert result["metrics"]["irrelevant_pass"] == recorded["irrelevant_pass"]
+    assert result["metrics"]["probes"] == recorded["probes"]
+    assert result["metrics"]["task_exact_match"] == recorded["task_exact_match"]
     assert abs(result["metrics"]["eval_loss"] - recorded["eval_loss"]) < 1e-4
-    assert len(result["samples"]) == sum(m["n"] for m in (recorded["irrelevant_pass"], recorded["hallucination"],
-                                                          recorded["object_accuracy"]))
+    assert len(result["samples"]) == sum(g[m]["n"] for g in recorded["probes"].values()
+                                         for m in ("irrelevant_pass", "hallucination", "object_accuracy"))
 
 
 def _train(params, *extra):

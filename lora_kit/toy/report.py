@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from .. import scoring
-from ..data import Encoder, read_jsonl
-from ..evaluate import benchmark_metrics, generate, mean_loss, samples_record
+from ..data import Encoder, read_jsonl, text_of
+from ..evaluate import benchmark_metrics, generate, mean_loss, probe_of, samples_record
 from .world import IRRELEVANT_LABEL
 
 
@@ -25,7 +25,7 @@ def base_report(model_dir: Path, world: Path, *, label: str = IRRELEVANT_LABEL, 
     terms = scoring.load_terms(world / "terms.json")
     bench, _ = read_jsonl(world / "bench.jsonl", need_assistant=False)
     gens = generate(model, encoder, bench, max_new_tokens=max_new_tokens)
-    metrics = benchmark_metrics(bench, gens, terms, label)
+    metrics = {"probes": benchmark_metrics(bench, gens, terms, label)}
     spot, _ = read_jsonl(world / "spotcheck.jsonl", need_assistant=False)
     captions = [g.answer for g in generate(model, encoder, spot, max_new_tokens=max_new_tokens)]
     losses = {}
@@ -33,12 +33,17 @@ def base_report(model_dir: Path, world: Path, *, label: str = IRRELEVANT_LABEL, 
         samples, _ = read_jsonl(world / f"{name}.jsonl")
         losses[name] = mean_loss(model, [encoder.encode(s) for s in samples], image_token_id=encoder.image_token_id,
                                  pad_id=processor.tokenizer.pad_token_id)
+    task_val, _ = read_jsonl(world / "task_val.jsonl")
+    task_answers = [g.answer for g in generate(model, encoder, task_val, max_new_tokens=max_new_tokens)]
+    metrics["task_exact_match"] = scoring.exact_match_rate(task_answers, [text_of(s) for s in task_val]).as_dict()
     examples = samples_record(bench, gens)
     by_kind = {}
-    for e in examples:  # a few answers of each kind, so the report can be read, not only trusted
-        by_kind.setdefault(e["image_kind"], [])
-        if len(by_kind[e["image_kind"]]) < 3:
-            by_kind[e["image_kind"]].append(e["answer"])
+    for e in examples:  # a few answers of each kind and probe, so the report can be read, not only trusted
+        key = f"{e['probe']}/{e['image_kind']}"
+        by_kind.setdefault(key, [])
+        if len(by_kind[key]) < 3:
+            by_kind[key].append(e["answer"])
+    by_kind["task_val"] = task_answers[:3]
     return {"model": str(model_dir), "metrics": metrics, "losses": losses, "spotcheck_captions": captions,
             "examples": by_kind}
 
@@ -49,13 +54,15 @@ def quick_check(world: Path, *, n: int = 12, label: str = IRRELEVANT_LABEL):
     bench, _ = read_jsonl(world / "bench.jsonl", need_assistant=False)
     by_kind = {}
     for s in bench:
-        by_kind.setdefault(s.extra["kind"], [])
-        if len(by_kind[s.extra["kind"]]) < n:
-            by_kind[s.extra["kind"]].append(s)
-    subset = [s for kind in sorted(by_kind) for s in by_kind[kind]]
+        key = (probe_of(s), s.extra["kind"])
+        by_kind.setdefault(key, [])
+        if len(by_kind[key]) < n:
+            by_kind[key].append(s)
+    subset = [s for key in sorted(by_kind) for s in by_kind[key]]
 
     def check(model, processor) -> dict:
         gens = generate(model, Encoder(processor, max_length=512), subset, max_new_tokens=40)
         m = benchmark_metrics(subset, gens, terms, label)
-        return {k: m[k]["rate"] for k in ("object_accuracy", "hallucination", "irrelevant_pass")}
+        return {f"{k}@{probe}": m[probe][k]["rate"] for probe in m
+                for k in ("object_accuracy", "hallucination", "irrelevant_pass")}
     return check

@@ -1,0 +1,136 @@
+"""Every metric of an evaluation record, defined once: name, direction, kind, thresholds, where it is shown.
+
+The guardrails, TensorBoard, the run view, the study table and the plots all read METRICS, so a new metric
+or a new probe group needs no other list kept in step (PEFT's method_comparison keeps the same kind of
+"higher / lower is better" map).
+
+Benchmark metrics (scope "probe") are measured once per probe group: the benchmark's rows carry a `probe`
+field naming the prompt they were asked under (the toy's `general` and `task`; a benchmark without the field
+is one group, `general`). In a record they sit under record["probes"][probe][metric]; as a table column
+they are `<metric>@<probe>` (`irrelevant_pass@task`), with `_n`, `_lo` and `_hi` for a rate's n and Wilson
+95% interval. Run-scope metrics (losses, task exact match) are one number per evaluation.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_PROBE = "general"  # the probe group of benchmark rows without a `probe` field
+PROBE_SEPARATOR = "@"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of an evaluation record."""
+
+    name: str
+    title: str  # what a reader sees on an axis or a table header
+    better: Literal["max", "min"]
+    kind: Literal["rate", "loss"]  # a rate has n and a Wilson interval; a loss is nats per token
+    scope: Literal["run", "probe"]  # "probe": measured on the benchmark once per probe group
+    guardrail: str | None = None  # the trigger that watches it (guardrails.TRIGGER_NAMES)
+    params: tuple[str, ...] = ()  # the RunConfig fields that set its thresholds
+    show: frozenset[str] = frozenset()  # where it appears: table, frontier, heatmap, curves, run
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.better == "min"
+
+
+_EVERYWHERE = frozenset({"table", "frontier", "heatmap", "curves", "run"})
+METRICS: tuple[Metric, ...] = (
+    Metric("eval_loss", "eval loss (task, nats/token)", "min", "loss", "run", show=frozenset({"curves", "run"})),
+    Metric("train_loss", "train loss (nats/token)", "min", "loss", "run", show=frozenset({"run"})),
+    Metric("gap", "generalization gap (eval - train)", "min", "loss", "run", guardrail="gap_widening",
+           params=("gap_widen_max", "gap_patience"), show=frozenset({"table", "run"})),
+    Metric("general_loss", "general loss (text, nats/token)", "min", "loss", "run",
+           show=frozenset({"table", "heatmap", "curves", "run"})),
+    Metric("task_exact_match", "task exact match (validation)", "max", "rate", "run",
+           show=frozenset({"table", "heatmap", "curves", "run"})),
+    Metric("irrelevant_pass", "irrelevant-image pass", "max", "rate", "probe", guardrail="irrelevant_drop",
+           params=("irrelevant_drop_max", "irrelevant_min", "irrelevant_patience", "best_irrelevant_margin"),
+           show=_EVERYWHERE),
+    Metric("hallucination", "hallucination on OOD images", "min", "rate", "probe", guardrail="hallucination_rise",
+           params=("hallucination_rise_max", "hallucination_patience", "best_hallucination_margin"),
+           show=_EVERYWHERE),
+    Metric("object_accuracy", "object accuracy (in-domain)", "max", "rate", "probe",
+           show=frozenset({"table", "curves", "run"})),
+    Metric("false_refusal", "false refusal (in-domain)", "min", "rate", "probe", show=frozenset({"table"})),
+    Metric("hallucination_in_domain", "hallucination (in-domain)", "min", "rate", "probe",
+           show=frozenset({"table"})),
+    Metric("object_recall", "object recall (in-domain)", "max", "rate", "probe"),
+    Metric("blindness", "blind answers", "min", "rate", "probe", show=frozenset({"table"})),
+    Metric("ood_label_rate", "OOD images answered with the label", "min", "rate", "probe"),
+)
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+# The study table's name for the eval loss at the best checkpoint.
+ALIASES = {"best_eval_loss": "eval_loss"}
+# H1 and H4 watch these: language generality, the irrelevant rule and hallucination.
+GENERALITY = ("general_loss", "irrelevant_pass", "hallucination")
+
+
+def column(metric: str, probe: str | None = None) -> str:
+    """The table column of a metric: `irrelevant_pass@task` for a probe metric, the name otherwise."""
+    return f"{metric}{PROBE_SEPARATOR}{probe}" if probe else metric
+
+
+def split_column(col: str) -> tuple[str, str | None]:
+    """(metric name, probe or None) of a table column; `_n`/`_lo`/`_hi` suffixes are not stripped."""
+    name, _, probe = col.partition(PROBE_SEPARATOR)
+    return ALIASES.get(name, name), probe or None
+
+
+def metric_of(col: str) -> Metric | None:
+    """The Metric behind a column (`hallucination@task`, `best_eval_loss`), or None."""
+    return BY_NAME.get(split_column(col)[0])
+
+
+def direction(col: str) -> str:
+    """'min' or 'max' for a metric column; '' for a column that is no metric."""
+    m = metric_of(col)
+    return m.better if m else ""
+
+
+def is_rate(col: str) -> bool:
+    m = metric_of(col)
+    return m is not None and m.kind == "rate"
+
+
+def title(col: str) -> str:
+    """`irrelevant-image pass [task prompt]` for `irrelevant_pass@task`."""
+    m, (_, probe) = metric_of(col), split_column(col)
+    text = m.title if m else col
+    return f"{text} [{probe} prompt]" if probe else text
+
+
+def shown(where: str) -> list[Metric]:
+    """The metrics shown in one place (table, frontier, heatmap, curves, run), in METRICS order."""
+    return [m for m in METRICS if where in m.show]
+
+
+def probe_metrics(record: Mapping | None) -> dict[str, Mapping]:
+    """probe -> {metric: value} of a record; a record written before probe groups is the one group `general`."""
+    if not record:
+        return {}
+    probes = record.get("probes")
+    if isinstance(probes, Mapping):
+        return {str(k): v for k, v in probes.items() if isinstance(v, Mapping)}
+    return {DEFAULT_PROBE: record} if any(m.name in record for m in METRICS if m.scope == "probe") else {}
+
+
+def value(record: Mapping | None, metric: str, probe: str | None = None):
+    """The raw value (a rate dict or a number) of a metric in a record; probe metrics need their probe."""
+    if not record:
+        return None
+    if BY_NAME[metric].scope == "run":
+        return record.get(metric)
+    return (probe_metrics(record).get(probe or DEFAULT_PROBE) or {}).get(metric)
+
+
+def columns(where: str, probes: list[str]) -> list[str]:
+    """The table columns of the metrics shown in `where`, a probe metric once per probe."""
+    out = []
+    for m in shown(where):
+        out += [column(m.name, p) for p in probes] if m.scope == "probe" else [m.name]
+    return out
