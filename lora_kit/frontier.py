@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +20,47 @@ import pandas as pd
 
 from .errors import LoraKitError
 from .guardrails import apply_verdicts
+from .metrics import BY_NAME, GENERALITY, column, columns, direction, is_rate, metric_of, split_column, title
 from .paths import outputs_dir, runs_dir
 from .rundir import RunFolder, read_jsonl_records
 from .views import flatten_record, in_notebook, metrics_frame
 
-RATES = ("irrelevant_pass", "false_refusal", "hallucination", "hallucination_in_domain", "object_accuracy",
-         "object_recall", "blindness", "ood_label_rate")
-DIRECTIONS = {  # which way is better, for frontiers, heatmap colours and verdicts
-    "best_eval_loss": "min", "eval_loss": "min", "train_loss": "min", "general_loss": "min", "gap": "min",
-    "irrelevant_pass": "max", "false_refusal": "min", "hallucination": "min", "hallucination_in_domain": "min",
-    "object_accuracy": "max", "object_recall": "max", "blindness": "min"}
 FINISHED = ("completed", "stopped_early")
 # Two runs compare footprints only when everything else that shapes training is equal.
 CONTROLS = ("model", "lora_rank", "learning_rate", "vit_lr")
-# Language generality and hallucination, the metrics H1 and H4 watch.
-GENERALITY = {"general_loss": "min", "irrelevant_pass": "max", "hallucination": "min"}
-FRONT_OBJECTIVES = {"best_eval_loss": "min", "irrelevant_pass": "max", "hallucination": "min"}
 RUN_COLUMNS = [
-    "variant", "llm_last", "vit_last", "model", "lora_rank", "learning_rate", "vit_lr", "status", "stop_reason",
-    "stop_step", "n_llm_modules", "n_vit_modules", "trainable_parameters", "best_step", "best_checkpoint",
-    "best_eval_loss", "feasible", "wall_seconds", "eval_share", "steps", "run_dir"]
+    "variant", "llm_last", "vit_last", "model", "lora_rank", "learning_rate", "vit_lr", "seed", "status", "stop_reason",
+    "stop_probe", "stop_step", "n_llm_modules", "n_vit_modules", "trainable_parameters", "best_step",
+    "best_checkpoint", "best_eval_loss", "feasible", "guardrail_probes", "first_moved", "wall_seconds",
+    "eval_share", "steps", "run_dir"]
 _NOT_METRICS = ("step", "epoch", "eval_loss", "checkpoint", "eval_seconds")  # in the record, not guardrails
+_TEXT_COLUMNS = ("variant", "model", "status", "stop_reason", "stop_probe", "best_checkpoint", "feasible",
+                 "guardrail_probes", "first_moved", "run_dir", "caption_disagree_steps")
+
+
+def study_probes(df: pd.DataFrame) -> list[str]:
+    """The probe groups the study's guardrails watched: those the runs name in guardrail_probes, else every
+    group with an irrelevant_pass column, in first-seen order."""
+    named = [p for text in df.get("guardrail_probes", pd.Series(dtype=object)).dropna()
+             for p in str(text).split(",") if p]
+    found = [split_column(c)[1] for c in df.columns if c.startswith("irrelevant_pass@")
+             and not c.endswith(("_n", "_lo", "_hi"))]
+    return list(dict.fromkeys(named or found))
+
+
+def generality(df: pd.DataFrame) -> dict[str, str]:
+    """The columns H1 and H4 watch (metrics.GENERALITY, a probe metric in every watched group) -> direction."""
+    out = {}
+    for name in GENERALITY:
+        cols = [column(name, p) for p in study_probes(df)] if BY_NAME[name].scope == "probe" else [name]
+        out |= {c: direction(c) for c in cols}
+    return out
+
+
+def front_objectives(df: pd.DataFrame) -> dict[str, str]:
+    """The Pareto front's objectives: eval loss, and irrelevant pass and hallucination in every watched group."""
+    return {"best_eval_loss": "min"} | {column(m, p): direction(m) for p in study_probes(df)
+                                         for m in ("irrelevant_pass", "hallucination")}
 
 
 # ---------------------------------------------------------------- the table
@@ -56,12 +77,11 @@ def collect_runs(runs_root) -> pd.DataFrame:
         raise LoraKitError(f"runs_root {root} is not a folder; pass the folder holding one run folder per variant "
                            "(default outputs/runs), or run variants first: python -m lora_kit matrix")
     rows = [_run_row(d) for d in sorted(root.iterdir()) if (d / "summary.json").is_file()]
-    rate_cols = [f"{m}{s}" for m in RATES for s in ("", "_n", "_lo", "_hi")]
     df = pd.DataFrame(rows)
-    df = df.reindex(columns=list(dict.fromkeys(RUN_COLUMNS + rate_cols + ["general_loss", "gap"] + list(df.columns))))
+    df = df.reindex(columns=list(dict.fromkeys(RUN_COLUMNS + ["general_loss", "gap", "task_exact_match"]
+                                               + list(df.columns))))
     df["feasible"] = df["feasible"].astype(bool)
-    numeric = [c for c in df.columns if c not in ("variant", "model", "status", "stop_reason", "best_checkpoint",
-                                                  "feasible", "run_dir", "caption_disagree_steps")]
+    numeric = [c for c in df.columns if c not in _TEXT_COLUMNS]
     for c in numeric:  # None (a rate with n = 0, a missing value) becomes NaN in number columns
         converted = pd.to_numeric(df[c], errors="coerce")
         if converted.notna().sum() == df[c].notna().sum():
@@ -93,9 +113,12 @@ def _run_row(folder: Path) -> dict:
         "variant": summary.get("variant") or folder.name,
         "llm_last": _first(summary.get("llm_last"), cfg.get("llm_last")),
         "vit_last": _first(summary.get("vit_last"), cfg.get("vit_last")),
-        "model": cfg.get("model"), "lora_rank": cfg.get("lora_rank"),
+        "model": cfg.get("model"), "lora_rank": cfg.get("lora_rank"), "seed": cfg.get("seed"),
         "learning_rate": cfg.get("learning_rate"), "vit_lr": cfg.get("vit_lr"),
         "status": status, "stop_reason": summary.get("stop_reason"), "stop_step": summary.get("stop_step"),
+        "stop_probe": summary.get("stop_probe"), "guardrail_probes": ",".join(summary.get("guardrail_probes") or []),
+        "first_moved": ", ".join(f"{k} at {v}" for k, v in sorted((summary.get("first_bad_steps") or {}).items(),
+                                                                   key=lambda kv: (kv[1], kv[0]))),
         "n_llm_modules": counts.get("llm"), "n_vit_modules": counts.get("vit"), "trainable_parameters": trainable,
         "best_step": step, "best_checkpoint": best.get("checkpoint") if feasible else None,
         "best_eval_loss": loss, "feasible": feasible,
@@ -129,12 +152,13 @@ def _first(*values):
 
 def study_table(df: pd.DataFrame) -> pd.DataFrame:
     """The table for reading: one row per variant, each rate as '91% [80-97%] n=32' beside the losses."""
-    out = df.set_index("variant")[["llm_last", "vit_last", "status", "stop_reason", "feasible", "best_step",
-                                   "best_eval_loss", "general_loss", "gap"]].copy()
-    for m in ("irrelevant_pass", "hallucination", "hallucination_in_domain", "object_accuracy", "false_refusal",
-              "blindness"):
-        if m in df:
-            out[m] = [_rate_text(r, m) for _, r in df.iterrows()]
+    out = df.set_index("variant")[["llm_last", "vit_last", "status", "stop_reason", "stop_probe", "stop_step",
+                                   "first_moved", "feasible", "best_step", "best_eval_loss"]].copy()
+    probes = list(dict.fromkeys(study_probes(df) + [split_column(c)[1] for c in df.columns
+                                                     if "@" in c and not c.endswith(("_n", "_lo", "_hi"))]))
+    for col in columns("table", probes):
+        if col in df:
+            out[col] = [_rate_text(r, col) for _, r in df.iterrows()] if is_rate(col) else df[col].to_numpy()
     out["caption person / proxy"] = [_caption_text(r) for _, r in df.iterrows()]
     out["person ≠ proxy at steps"] = df.get("caption_disagree_steps", pd.Series("", index=df.index)).fillna("").to_numpy()
     out["wall_seconds"] = df["wall_seconds"].round(0).to_numpy()
@@ -204,7 +228,7 @@ def pareto_front(df: pd.DataFrame, objectives: dict[str, str]) -> pd.Series:
     return pd.Series(on_front, index=df.index, name="on_front")
 
 
-def plot_frontier(df: pd.DataFrame, x: str = "best_eval_loss", y: str = "irrelevant_pass", ax=None):
+def plot_frontier(df: pd.DataFrame, x: str = "best_eval_loss", y: str = "irrelevant_pass@general", ax=None):
     """Finished runs as points with Wilson error bars, labelled by variant; the Pareto front of the feasible
     runs connected and marked; runs without a feasible checkpoint hollow (their last evaluation)."""
     import matplotlib.pyplot as plt
@@ -216,7 +240,7 @@ def plot_frontier(df: pd.DataFrame, x: str = "best_eval_loss", y: str = "irrelev
     data = data[_measured(data, x) & _measured(data, y)]
     data[[x, y]] = data[[x, y]].astype(float)
     feasible = data["feasible"].astype(bool)
-    front = pareto_front(data[feasible], {x: DIRECTIONS.get(x, "min"), y: DIRECTIONS.get(y, "max")})
+    front = pareto_front(data[feasible], {x: direction(x) or "min", y: direction(y) or "max"})
     on_front = front.reindex(data.index, fill_value=False)
     ax.errorbar(data[x], data[y], xerr=_error_bars(data, x), yerr=_error_bars(data, y), fmt="none",
                 ecolor="0.6", elinewidth=1, capsize=2, zorder=1)
@@ -228,9 +252,9 @@ def plot_frontier(df: pd.DataFrame, x: str = "best_eval_loss", y: str = "irrelev
                s=50, zorder=3)
     for _, r in data.iterrows():
         ax.annotate(r["variant"], (r[x], r[y]), xytext=(4, 4), textcoords="offset points", fontsize=8)
-    ax.set_xlabel(f"{x} ({_better(x)})")
-    ax.set_ylabel(f"{y} ({_better(y)})")
-    ax.set_title(f"{y} vs {x}: Pareto front of feasible runs")
+    ax.set_xlabel(f"{title(x)} ({_better(x)})")
+    ax.set_ylabel(f"{title(y)} ({_better(y)})")
+    ax.set_title(f"{title(y)}\nvs {title(x)}: Pareto front of feasible runs", fontsize=10)
     ax.legend(handles=[
         Line2D([], [], marker="o", ls="", c="C0", label="feasible run (best checkpoint)"),
         Line2D([], [], marker="o", ls="-", c="C1", mec="k", label="Pareto front"),
@@ -253,22 +277,25 @@ def _error_bars(data: pd.DataFrame, col: str):
 
 
 def _better(col: str) -> str:
-    return {"min": "lower is better", "max": "higher is better"}.get(DIRECTIONS.get(col, ""), "")
+    return {"min": "lower is better", "max": "higher is better"}.get(direction(col), "")
 
 
 # ---------------------------------------------------------------- the other figures
 
-def plot_heatmaps(df: pd.DataFrame, metrics=("best_eval_loss", "general_loss", "irrelevant_pass", "hallucination")):
-    """Each metric over llm_last x vit_last for the study runs (the most common settings; * = infeasible)."""
+def plot_heatmaps(df: pd.DataFrame, metrics=None):
+    """Each metric over llm_last x vit_last for the study runs (the most common settings; * = infeasible);
+    `metrics` defaults to eval loss and the table's heatmap metrics in every watched probe group."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    if metrics is None:
+        metrics = ["best_eval_loss"] + columns("heatmap", study_probes(df))
     data = _reference_runs(df).drop_duplicates(["llm_last", "vit_last"])
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 3.8), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         values = pd.to_numeric(data[m], errors="coerce") if m in data else pd.Series(np.nan, index=data.index)
         cells = data.assign(value=values, text=[
-            ("" if not _finite(v) else f"{v:.0%}" if m in RATES else f"{v:.3f}") + ("" if f else "*")
+            ("" if not _finite(v) else f"{v:.0%}" if is_rate(m) else f"{v:.3f}") + ("" if f else "*")
             for v, f in zip(values, data["feasible"])])
         grid = cells.pivot(index="llm_last", columns="vit_last", values="value") if len(cells) else pd.DataFrame()
         if grid.isna().all().all():
@@ -278,9 +305,9 @@ def plot_heatmaps(df: pd.DataFrame, metrics=("best_eval_loss", "general_loss", "
         text = cells.pivot(index="llm_last", columns="vit_last", values="text").reindex_like(grid).fillna("")
         # the "good" end of the colour map is the same colour whichever way the metric points
         sns.heatmap(grid.astype(float), annot=text.to_numpy(), fmt="", ax=ax,
-                    cmap="viridis" if DIRECTIONS.get(m) == "max" else "viridis_r", cbar=True)
+                    cmap="viridis" if direction(m) == "max" else "viridis_r", cbar=True)
         ax.invert_yaxis()
-        ax.set_title(f"{m} ({_better(m)})", fontsize=10)
+        ax.set_title(f"{title(m)}\n({_better(m)})", fontsize=9)
     fig.suptitle("metrics over llm_last (rows) x vit_last (columns); * = no feasible checkpoint (last evaluation)",
                  fontsize=10)
     fig.tight_layout()
@@ -316,13 +343,22 @@ def run_curves(runs) -> dict[str, tuple[pd.DataFrame, dict]]:
     return out
 
 
-def plot_curves(runs, metrics=("eval_loss", "general_loss", "irrelevant_pass", "hallucination")):
-    """Training and guardrail curves of every run on shared axes; X = where a guardrail stopped it, * = best."""
+def plot_curves(runs, metrics=None):
+    """Training and guardrail curves of every run on shared axes; X = where a guardrail stopped it, * = best.
+    `metrics` defaults to the table's curve metrics, a probe metric in every watched group (a grid of panels)."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
     curves = run_curves(runs)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False, sharex=True)
+    if metrics is None:
+        probes = study_probes(runs) if isinstance(runs, pd.DataFrame) else _curve_probes(curves)
+        metrics = columns("curves", probes)
+    ncols = min(4, len(metrics))
+    nrows = -(-len(metrics) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False, sharex=True)
+    axes = axes.reshape(1, -1)
+    for ax in axes[0][len(metrics):]:
+        ax.set_axis_off()
     colours = {v: plt.get_cmap("tab20")(i % 20) for i, v in enumerate(curves)}
     for ax, m in zip(axes[0], metrics):
         for variant, (mf, summary) in curves.items():
@@ -335,7 +371,8 @@ def plot_curves(runs, metrics=("eval_loss", "general_loss", "irrelevant_pass", "
                 if step is not None and len(at):
                     ax.scatter(at["step"], at[m], marker=marker, s=size, color=colours[variant], edgecolors="k",
                                zorder=3)
-        ax.set(title=f"{m} ({_better(m)})", xlabel="step")
+        ax.set_xlabel("step")
+        ax.set_title(f"{title(m)}\n({_better(m)})", fontsize=9)
     handles = [Line2D([], [], c=c, marker=".", label=v) for v, c in colours.items()]
     handles += [Line2D([], [], marker="X", ls="", c="0.5", mec="k", label="guardrail stop"),
                 Line2D([], [], marker="*", ls="", c="0.5", mec="k", ms=10, label="best checkpoint")]
@@ -344,7 +381,15 @@ def plot_curves(runs, metrics=("eval_loss", "general_loss", "irrelevant_pass", "
     return fig
 
 
-def plot_restart(runs, metrics=("eval_loss", "general_loss", "irrelevant_pass", "hallucination")):
+def _curve_probes(curves: dict) -> list[str]:
+    """The watched probe groups of some runs' curves (their summaries' guardrail_probes, else every group)."""
+    named = [p for _, summary in curves.values() for p in summary.get("guardrail_probes") or []]
+    found = [split_column(c)[1] for mf, _ in curves.values() for c in mf.columns
+             if c.startswith("irrelevant_pass@") and not c.endswith(("_n", "_lo", "_hi"))]
+    return list(dict.fromkeys(named or found))
+
+
+def plot_restart(runs, metrics=None):
     """Stage-3 continue (e.g. C2) against stage-2 restart (C2_restart): their curves side by side; None
     when no '<variant>_restart' run has its '<variant>' partner."""
     import matplotlib.pyplot as plt
@@ -354,6 +399,8 @@ def plot_restart(runs, metrics=("eval_loss", "general_loss", "irrelevant_pass", 
              if v.endswith("_restart") and v.removesuffix("_restart") in curves]
     if not pairs:
         return None
+    if metrics is None:
+        metrics = columns("curves", _curve_probes(curves))
     fig, axes = plt.subplots(len(pairs), len(metrics), figsize=(4.5 * len(metrics), 3.8 * len(pairs)), squeeze=False)
     for row, pair in zip(axes, pairs):
         for ax, m in zip(row, metrics):
@@ -365,11 +412,63 @@ def plot_restart(runs, metrics=("eval_loss", "general_loss", "irrelevant_pass", 
                 if f"{m}_lo" in mf:
                     ax.fill_between(mf["step"], mf[f"{m}_lo"].astype(float), mf[f"{m}_hi"].astype(float),
                                     color=c, alpha=0.15)
-            ax.set(title=f"{m} ({_better(m)})", xlabel="step")
+            ax.set_xlabel("step")
+            ax.set_title(f"{title(m)}\n({_better(m)})", fontsize=9)
             ax.legend(fontsize=8)
     fig.suptitle("stage-3 continue vs stage-2 restart (bands: Wilson 95%)")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------- replicates across seeds
+
+_SEED_SUFFIX = re.compile(r"_seed\d+$")
+
+
+def replicate_of(variant: str) -> str:
+    """The variant a replicate run belongs to: `C2_seed43` -> `C2` (matrix --seeds names them so)."""
+    return _SEED_SUFFIX.sub("", str(variant))
+
+
+def seed_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per variant over its seeds: each metric's mean with a 95% t-interval across seeds (`_lo`,
+    `_hi`; rates clipped to [0, 1]), `n_seeds`, and `frontier_share`: in how many of the seeds the variant
+    was on that seed's Pareto front (front_objectives among the feasible runs of that seed, A0 included).
+    With one seed a variant keeps its own row, its rates' Wilson intervals and no loss interval."""
+    from scipy import stats
+
+    done = df[df["status"].isin(FINISHED)].copy()
+    done["replicate_of"] = done["variant"].map(replicate_of)
+    objectives = front_objectives(done)
+    on_front = pd.Series(False, index=done.index)
+    trained_seeds = sorted(done.loc[done.get("trainable_parameters", 1) != 0, "seed"].dropna().unique())
+    for seed in trained_seeds:
+        study = done[(done["seed"] == seed) | (done.get("trainable_parameters", 1) == 0)]
+        feasible = study[study["feasible"].astype(bool)]
+        if set(objectives) <= set(feasible.columns):
+            on_front = on_front | pareto_front(feasible, objectives).reindex(done.index, fill_value=False)
+    done["_on_front"] = on_front
+    metric_cols = [c for c in done.columns if metric_of(c) is not None and not c.endswith(("_n", "_lo", "_hi"))]
+    rows = []
+    for name, group in done.groupby("replicate_of", sort=False):
+        first = group.iloc[0]
+        row = first.to_dict() | {"variant": name, "n_seeds": len(group),
+                                 "seeds": ",".join(str(int(x)) for x in group["seed"].dropna()),
+                                 "frontier_share": f"{int(group['_on_front'].sum())}/{len(group)}",
+                                 "feasible": bool(group["feasible"].astype(bool).all())}
+        if len(group) > 1:
+            for col in metric_cols:
+                values = pd.to_numeric(group[col], errors="coerce").dropna()
+                if len(values) < 2:
+                    continue
+                mean, half = values.mean(), stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / len(values) ** 0.5
+                lo, hi = mean - half, mean + half
+                if is_rate(col):
+                    lo, hi = max(0.0, lo), min(1.0, hi)
+                    row[f"{col}_n"] = pd.to_numeric(group.get(f"{col}_n"), errors="coerce").sum()
+                row |= {col: mean, f"{col}_lo": lo, f"{col}_hi": hi, f"{col}_sd": values.std(ddof=1)}
+        rows.append(row)
+    return pd.DataFrame(rows).drop(columns=["_on_front", "replicate_of"], errors="ignore")
 
 
 # ---------------------------------------------------------------- hypotheses
@@ -389,8 +488,12 @@ def hypothesis_verdicts(df: pd.DataFrame, curves: dict | None = None, *, loss_to
     Noise: two rates differ only when their Wilson 95% intervals do not overlap; two losses only when
     they differ by more than `loss_tolerance` (relative, 0.02 = 2%). Only finished runs count.
     `curves` (variant -> (metrics table, summary)) defaults to reading the run folders in df["run_dir"].
+    When variants were run under several seeds, the verdicts read seed_table(df): each variant's mean over
+    its seeds, and two means differ only when their 95% intervals across seeds do not overlap.
     """
     done = df[df["status"].isin(FINISHED)]
+    if done.get("seed") is not None and (done.groupby(done["variant"].map(replicate_of)).size() > 1).any():
+        done = seed_table(done)
     if curves is None:
         curves = run_curves(done) if "run_dir" in done and done["run_dir"].notna().any() else {}
     checks = {"H1": _h1, "H2": _h2, "H3": _h3}
@@ -414,12 +517,15 @@ def _compare(a, b, metric: str, direction: str, tol: float) -> str | None:
     """How run b stands against run a on one metric: 'worse', 'better', 'same' (within noise) or None."""
     if not (_finite(a.get(metric)) and _finite(b.get(metric))):
         return None
-    if metric in RATES:
+    if is_rate(metric):
         alo, ahi, blo, bhi = (a.get(f"{metric}_lo"), a.get(f"{metric}_hi"), b.get(f"{metric}_lo"),
                               b.get(f"{metric}_hi"))
         if not all(map(_finite, (alo, ahi, blo, bhi))):
             return None
         higher, lower = blo > ahi, bhi < alo  # intervals apart
+    elif all(_finite(r.get(f"{metric}_{end}")) for r in (a, b) for end in ("lo", "hi")):
+        # a loss with an interval: the spread across seeds of replicated runs (seed_table)
+        higher, lower = b[f"{metric}_lo"] > a[f"{metric}_hi"], b[f"{metric}_hi"] < a[f"{metric}_lo"]
     else:
         diff = float(b[metric]) - float(a[metric])
         higher = lower = False
@@ -434,7 +540,7 @@ def _show(row, metric: str) -> str:
     v = row.get(metric)
     if not _finite(v):
         return "n/a"
-    if metric in RATES:
+    if is_rate(metric):
         return f"{v:.0%} [{row.get(metric + '_lo', float('nan')):.0%}-{row.get(metric + '_hi', float('nan')):.0%}]"
     return f"{v:.3f}"
 
@@ -458,14 +564,15 @@ def _h1(done: pd.DataFrame, tol: float) -> dict:
     if not pairs:
         return _verdict("not enough data", "No two finished trained runs with equal settings differ in one tower's "
                         "count; needed: e.g. A1 and A2, B2 and B3, or C1, C2 and C3.")
-    outcomes = [(a, b, {m: _compare(a, b, m, d, tol) for m, d in GENERALITY.items()}) for a, b in pairs]
+    outcomes = [(a, b, {m: _compare(a, b, m, d, tol) for m, d in generality(done).items()}) for a, b in pairs]
     measured = [o for o in outcomes if any(v is not None for v in o[2].values())]
     if not measured:
         return _verdict("not enough data", f"{len(pairs)} footprint comparisons, but none has general_loss, "
                         "irrelevant_pass or hallucination measured on both runs.")
     degraded = [o for o in measured if "worse" in o[2].values()]
     moved = [o for o in measured if set(o[2].values()) & {"worse", "better"}]
-    hallucinating = [o for o in degraded if o[2]["hallucination"] == "worse"]
+    hallucinating = [o for o in degraded if any(v == "worse" for m, v in o[2].items()
+                                                if split_column(m)[0] == "hallucination")]
     examples = "; ".join(
         f"{a['variant']}->{b['variant']}: " + ", ".join(f"{m} {_show(a, m)}->{_show(b, m)}"
                                                        for m, v in c.items() if v == "worse" or not degraded and v)
@@ -486,7 +593,7 @@ def _h2(done: pd.DataFrame, tol: float) -> dict:
     if feasible.empty:
         return _verdict("not enough data", "No finished trained run has a feasible checkpoint; needed: the study "
                         "variants (A1, A2, B2, B3, C2, C3) run to completion.")
-    front = feasible[pareto_front(feasible, FRONT_OBJECTIVES)]
+    front = feasible[pareto_front(feasible, front_objectives(feasible))]
     if front.empty:
         return _verdict("not enough data", "No feasible run has eval loss, irrelevant pass and hallucination all "
                         "measured, so none is on the frontier; needed: a benchmark with irrelevant and OOD images.")
@@ -547,6 +654,7 @@ def _h3(done: pd.DataFrame, tol: float) -> dict:
 
 def _h4(done: pd.DataFrame, curves: dict, tol: float) -> dict:
     runs = _trained(done)["variant"].tolist()
+    watched = generality(done)
     informative, held, kept, stalled = [], [], [], []
     for variant in runs:
         mf = curves.get(variant, (pd.DataFrame(), {}))[0]
@@ -554,7 +662,7 @@ def _h4(done: pd.DataFrame, curves: dict, tol: float) -> dict:
             continue
         start = mf.iloc[0]  # the step-0 evaluation: the model before this run's training
         degraded = [i for i in range(1, len(mf))
-                    if any(_compare(start, mf.iloc[i], m, d, tol) == "worse" for m, d in GENERALITY.items())]
+                    if any(_compare(start, mf.iloc[i], m, d, tol) == "worse" for m, d in watched.items())]
         if not degraded:
             held.append(variant)
             continue
@@ -603,15 +711,21 @@ def write_summary(runs_root=None, out_dir=None) -> dict[str, Path]:
         fig.savefig(paths[name], dpi=110, bbox_inches="tight")
         plt.close(fig)
 
-    for name, y in (("frontier_irrelevant", "irrelevant_pass"), ("frontier_hallucination", "hallucination")):
-        fig, ax = plt.subplots(figsize=(7, 5))
-        plot_frontier(df, "best_eval_loss", y, ax=ax)
+    probes = study_probes(df) or ["general"]
+    for name, metric in (("frontier_irrelevant", "irrelevant_pass"), ("frontier_hallucination", "hallucination")):
+        fig, axes = plt.subplots(1, len(probes), figsize=(7 * len(probes), 5), squeeze=False)
+        for ax, probe in zip(axes[0], probes):  # one panel per watched probe group
+            plot_frontier(df, "best_eval_loss", column(metric, probe), ax=ax)
+        fig.tight_layout()
         save(name, fig)
     save("heatmaps", plot_heatmaps(df))
     save("curves", plot_curves(df))
     restart = plot_restart(df)
     if restart is not None:
         save("restart", restart)
+    if (df["variant"].map(replicate_of).value_counts() > 1).any():  # variants run under several seeds
+        paths["replicates"] = out / "replicates.csv"
+        seed_table(df).to_csv(paths["replicates"], index=False)
     paths["verdicts"] = out / "verdicts.json"
     paths["verdicts"].write_text(json.dumps(hypothesis_verdicts(df), indent=2, ensure_ascii=False) + "\n",
                                  encoding="utf-8")

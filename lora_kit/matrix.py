@@ -3,6 +3,7 @@
     python -m lora_kit matrix                 # the priority variants: A0, A1, A2, B2, B3, C2, C3
     python -m lora_kit matrix C2 C3 --jobs 2  # chosen variants, two at a time (one GPU each when present)
     python -m lora_kit matrix C2 --grid lora_rank=8,16,32
+    python -m lora_kit matrix --seeds 3       # each variant under 3 seeds: C2, C2_seed43, C2_seed44
     python -m lora_kit matrix --backend slurm --partition gpu --gpus-per-job 2 --time 720
     python -m lora_kit matrix --status        # the table of statuses, from the run folders
 
@@ -54,8 +55,15 @@ def variant_file(name: str, params_dir: Path = PARAMS_DIR) -> Path:
 
 
 def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str] = (),
-              overrides: dict | None = None, params_dir: Path = PARAMS_DIR) -> list[Job]:
-    """The jobs in run order: A0 first (the others' guardrail baseline), then the rest as given."""
+              overrides: dict | None = None, params_dir: Path = PARAMS_DIR, seeds: int = 1) -> list[Job]:
+    """The jobs in run order: A0 first (the others' guardrail baseline), then the rest as given.
+
+    `seeds` > 1 replicates every trained job under that many seeds: the seed of the run (its `seed`
+    override, else RunConfig's default) and the next ones, named <variant>_seed<seed> beyond the first,
+    which keeps its name. A0 only evaluates, and its evaluation does not depend on the seed, so it runs once.
+    """
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: expected a number of seeds >= 1. Fix: e.g. --seeds 3.")
     names = list(STUDY_VARIANTS) if all_variants else (variants or list(STUDY_PRIORITY))
     if BASELINE not in names and (params_dir / f"{BASELINE}.yaml").exists():
         names = [BASELINE, *names]
@@ -74,7 +82,19 @@ def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str
             for combo in itertools.product(*axes):
                 name = job.variant + "".join(f"_{k}{v}" for k, v in combo)
                 jobs.append(Job(name, job.params_file, {**job.overrides, **dict(combo), "variant": name}))
-    return jobs
+    return [replicate for job in jobs for replicate in _replicates(job, seeds)]
+
+
+def _replicates(job: Job, seeds: int) -> list[Job]:
+    """The job under `seeds` seeds (see plan_jobs); A0 once."""
+    if seeds == 1 or job.variant == BASELINE:
+        return [job]
+    from .config import RunConfig
+
+    first = job.overrides.get("seed", RunConfig.seed)
+    return [job] + [Job(f"{job.variant}_seed{first + k}", job.params_file,
+                        {**job.overrides, "seed": first + k, "variant": f"{job.variant}_seed{first + k}"})
+                    for k in range(1, seeds)]
 
 
 def run_status(runs_root: Path, variant: str) -> str:

@@ -95,11 +95,11 @@ def record(step, eval_loss, irr=0.95, hal=0.1, general=1.0, checkpoint=True, n=4
 
 
 def write_run(root, variant, llm, vit, records, *, status="completed", best_step="lowest", model="toy", lr=1e-3,
-              vit_lr=3e-3, stop=None, truncate=False):
+              vit_lr=3e-3, stop=None, truncate=False, seed=42):
     """A run folder as train.py leaves it; best_step 'lowest' = the lowest-loss checkpoint, None = none feasible."""
     d = root / variant
     d.mkdir(parents=True)
-    params = {"config": {"variant": variant, "llm_last": llm, "vit_last": vit, "model": model, "lora_rank": 16,
+    params = {"config": {"variant": variant, "llm_last": llm, "vit_last": vit, "model": model, "lora_rank": 16, "seed": seed,
                          "learning_rate": lr, "vit_lr": vit_lr}, "code": {}, "packages": {}}
     (d / "params.json").write_text(json.dumps(params))
     lines = "".join(json.dumps(r) + "\n" for r in records)
@@ -149,23 +149,23 @@ def test_collect_runs(runs):
     assert sorted(df.index) == ["A0", "A1", "A2", "B2", "C2", "C2_restart"]
     a1 = df.loc["A1"]
     assert a1["feasible"] and a1["best_step"] == 50 and a1["best_checkpoint"] == "checkpoints/checkpoint-50"
-    assert a1["best_eval_loss"] == 0.5 and a1["irrelevant_pass"] == 0.9 and a1["irrelevant_pass_n"] == 40
-    assert a1["irrelevant_pass_lo"] < 0.9 < a1["irrelevant_pass_hi"]
+    assert a1["best_eval_loss"] == 0.5 and a1["irrelevant_pass@general"] == 0.9 and a1["irrelevant_pass@general_n"] == 40
+    assert a1["irrelevant_pass@general_lo"] < 0.9 < a1["irrelevant_pass@general_hi"]
     assert (a1["n_llm_modules"], a1["n_vit_modules"], a1["learning_rate"], a1["model"]) == (14, 0, 1e-3, "toy")
     assert a1["general_loss"] == 1.0 and a1["gap"] == 0.05 and a1["eval_share"] == 0.25
     assert a1["caption_degraded"] == False  # noqa: E712  (numpy bool)
     a0 = df.loc["A0"]  # evaluation-only: feasible, metrics of step 0
-    assert a0["feasible"] and a0["best_step"] == 0 and a0["best_eval_loss"] == 1.0 and a0["irrelevant_pass"] == 0.95
+    assert a0["feasible"] and a0["best_step"] == 0 and a0["best_eval_loss"] == 1.0 and a0["irrelevant_pass@general"] == 0.95
     a2 = df.loc["A2"]  # no feasible checkpoint: its last evaluation, marked infeasible
     assert not a2["feasible"] and a2["best_step"] == 50 and a2["best_eval_loss"] == 0.45
-    assert a2["irrelevant_pass"] == 0.3 and a2["status"] == "stopped_early" and a2["stop_step"] == 50
+    assert a2["irrelevant_pass@general"] == 0.3 and a2["status"] == "stopped_early" and a2["stop_step"] == 50
     assert a2["best_checkpoint"] is None or pd.isna(a2["best_checkpoint"])
     assert df.loc["C2", "best_step"] == 50  # the truncated last line is ignored
     b2 = df.loc["B2"]
     assert b2["status"] == "failed" and not b2["feasible"] and b2["vit_last"] == 4 and b2["best_step"] == 0
-    assert math.isnan(df.loc["A0", "ood_label_rate"]) and df.loc["A0", "ood_label_rate_n"] == 0
+    assert math.isnan(df.loc["A0", "ood_label_rate@general"]) and df.loc["A0", "ood_label_rate@general_n"] == 0
     table = study_table(collect_runs(runs))
-    irr = table.loc["A1", "irrelevant_pass"]
+    irr = table.loc["A1", "irrelevant_pass@general"]
     assert irr.startswith("90% [") and irr.endswith("n=40")
 
 
@@ -204,6 +204,7 @@ def row(variant, llm, vit, loss, irr=0.95, hal=0.1, general=1.0, *, lr=1e-3, vit
          "best_eval_loss": loss, "feasible": feasible, "general_loss": general}
     for m, p in (("irrelevant_pass", irr), ("hallucination", hal)):
         x = rate(round(p * n), n)
+        m = f"{m}@general"  # the benchmark's one probe group
         r |= {m: x.rate, f"{m}_n": n, f"{m}_lo": x.lo, f"{m}_hi": x.hi}
     return r
 
@@ -282,3 +283,31 @@ def test_h4_from_curves():
     held = {"C2": curve([1.0, 0.6, 0.5], [1.0, 1.0, 1.01]), "C3": curve([1.0, 0.6, 0.5], [1.0, 1.0, 1.3])}
     v = verdicts(study, held)["H4"]  # C3 degrades only at its last evaluation: nothing after it
     assert v["verdict"] == "not enough data" and "early_stopping" in v["evidence"]
+
+
+def test_seed_table_means_intervals_and_frontier_share(tmp_path):
+    from lora_kit.frontier import seed_table
+
+    root = tmp_path / "runs"
+    write_run(root, "A0", 0, 0, [record(0, 1.0)])
+    # C2 under three seeds: best eval losses 0.4, 0.5, 0.6; A2 under three seeds: 0.45, 0.45, 0.45 but with its
+    # irrelevant pass 0.5 at seed 43
+    for seed, c2, a2_irr in ((42, 0.4, 0.95), (43, 0.6, 0.5), (44, 0.5, 0.95)):
+        suffix = "" if seed == 42 else f"_seed{seed}"
+        write_run(root, f"C2{suffix}", 2, 4, [record(0, 1.0), record(50, c2)], seed=seed)
+        write_run(root, f"A2{suffix}", 4, 0, [record(0, 1.0), record(50, 0.45, irr=a2_irr)], seed=seed)
+    table = seed_table(collect_runs(root)).set_index("variant")
+    c2 = table.loc["C2"]
+    # mean 0.5, sd 0.1, t(0.975, 2 df) = 4.302653: half width 4.302653 * 0.1 / sqrt(3) = 0.248414
+    assert c2["n_seeds"] == 3 and c2["seeds"] == "42,43,44"
+    assert c2["best_eval_loss"] == pytest.approx(0.5) and c2["best_eval_loss_sd"] == pytest.approx(0.1)
+    assert (c2["best_eval_loss_lo"], c2["best_eval_loss_hi"]) == pytest.approx((0.5 - 0.248414, 0.5 + 0.248414),
+                                                                                abs=1e-5)
+    # seed 42: C2 0.4 dominates A2 0.45 (same rates); seed 43: A2's loss 0.45 beats C2's 0.6, its irrelevant pass
+    # 0.5 is worse, so both are on the front; seed 44: C2 0.5 vs A2 0.45 with equal rates: A2 only
+    assert c2["frontier_share"] == "2/3" and table.loc["A2", "frontier_share"] == "2/3"
+    # A2's irrelevant pass: mean of 0.95, 0.5, 0.95 = 0.8, clipped interval, pooled n
+    a2 = table.loc["A2"]
+    assert a2["irrelevant_pass@general"] == pytest.approx(0.8) and a2["irrelevant_pass@general_n"] == 120
+    assert a2["irrelevant_pass@general_hi"] == 1.0 and 0 <= a2["irrelevant_pass@general_lo"] < 0.8
+    assert table.loc["A0", "n_seeds"] == 1

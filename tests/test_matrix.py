@@ -27,6 +27,17 @@ def test_grid_expands_around_each_variant():
     assert job.overrides == {"lora_rank": 16, "learning_rate": 2e-4, "variant": "C2_lora_rank16_learning_rate0.0002"}
 
 
+def test_seeds_replicate_each_trained_variant_and_a0_runs_once():
+    jobs = plan_jobs(["C2", "A1"], seeds=3)
+    assert [j.variant for j in jobs] == ["A0", "C2", "C2_seed43", "C2_seed44", "A1", "A1_seed43", "A1_seed44"]
+    assert jobs[1].overrides == {} and jobs[2].overrides == {"seed": 43, "variant": "C2_seed43"}
+    # from a seed given for every run, and combined with a grid
+    jobs = plan_jobs(["C2"], grid=["lora_rank=8"], overrides={"seed": 7}, seeds=2)
+    assert [(j.variant, j.overrides["seed"]) for j in jobs[1:]] == [("C2_lora_rank8", 7), ("C2_lora_rank8_seed8", 8)]
+    with pytest.raises(ConfigError, match="--seeds 0"):
+        plan_jobs(["C2"], seeds=0)
+
+
 def test_unknown_variant_lists_the_known_ones():
     with pytest.raises(ConfigError, match="no params/Z9.yaml; known variants: .*C2"):
         plan_jobs(["Z9"])
