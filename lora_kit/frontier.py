@@ -250,8 +250,11 @@ def plot_frontier(df: pd.DataFrame, x: str = "best_eval_loss", y: str = "irrelev
     ax.scatter(line[x], line[y], c="C1", edgecolors="k", s=80, zorder=4)
     ax.scatter(data.loc[~feasible, x], data.loc[~feasible, y], facecolors="none", edgecolors="C3", marker="s",
                s=50, zorder=3)
-    for _, r in data.iterrows():
-        ax.annotate(r["variant"], (r[x], r[y]), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    labels = [ax.text(r[x], r[y], r["variant"], fontsize=8) for _, r in data.iterrows()]
+    if labels:  # runs with near-equal metrics (C2 and C3, B2 and B3) would print their names on top of each other
+        from adjustText import adjust_text
+
+        adjust_text(labels, ax=ax, arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.5})
     ax.set_xlabel(f"{title(x)} ({_better(x)})")
     ax.set_ylabel(f"{title(y)} ({_better(y)})")
     ax.set_title(f"{title(y)}\nvs {title(x)}: Pareto front of feasible runs", fontsize=10)
@@ -259,6 +262,7 @@ def plot_frontier(df: pd.DataFrame, x: str = "best_eval_loss", y: str = "irrelev
         Line2D([], [], marker="o", ls="", c="C0", label="feasible run (best checkpoint)"),
         Line2D([], [], marker="o", ls="-", c="C1", mec="k", label="Pareto front"),
         Line2D([], [], marker="s", ls="", mfc="none", mec="C3", label="no feasible checkpoint (last evaluation)"),
+        Line2D([], [], marker="|", ls="-", c="0.6", label="whiskers: Wilson 95% interval of a rate"),
     ], fontsize=7)
     if not len(data):
         ax.text(0.5, 0.5, "no finished run has both metrics", ha="center", transform=ax.transAxes)
@@ -304,8 +308,10 @@ def plot_heatmaps(df: pd.DataFrame, metrics=None):
             continue
         text = cells.pivot(index="llm_last", columns="vit_last", values="text").reindex_like(grid).fillna("")
         # the "good" end of the colour map is the same colour whichever way the metric points
+        # a rate's colour bar spans its own range, 0 to 1, so that 0.97 against 1.00 is not painted as a gulf
+        limits = {"vmin": 0.0, "vmax": 1.0} if is_rate(m) else {}
         sns.heatmap(grid.astype(float), annot=text.to_numpy(), fmt="", ax=ax,
-                    cmap="viridis" if direction(m) == "max" else "viridis_r", cbar=True)
+                    cmap="viridis" if direction(m) == "max" else "viridis_r", cbar=True, **limits)
         ax.invert_yaxis()
         ax.set_title(f"{title(m)}\n({_better(m)})", fontsize=9)
     fig.suptitle("metrics over llm_last (rows) x vit_last (columns); * = no feasible checkpoint (last evaluation)",
