@@ -199,6 +199,12 @@ class RunConfig:
     the best-checkpoint constraint watch, each against its own baseline; [] = every group."""
     early_stopping: bool = True
     """Stop the run when a guardrail triggers (false: record the trigger and keep training)."""
+    plateau_patience: int = 0
+    """End training (status completed) once the eval loss has not improved on its best by more than
+    plateau_threshold for this many evaluations: the task is fitted as far as the run goes
+    (transformers' EarlyStoppingCallback on eval loss); 0 = train to max_steps or num_train_epochs."""
+    plateau_threshold: float = 0.02
+    """Relative eval-loss improvement that counts for plateau_patience (0.02 = 2% below the best)."""
 
     # ---- output and runtime ----
     output_dir: str | None = None
@@ -650,12 +656,12 @@ _AT_LEAST = {
     "max_length": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
     "gradient_accumulation_steps": 1, "seed": 0, "eval_steps": 1, "save_steps": 1,
     "logging_steps": 1, "max_new_tokens": 1, "eval_max_samples": 1, "exact_match_samples": 0, "irrelevant_patience": 1,
-    "hallucination_patience": 1, "gap_patience": 1, "caption_patience": 1, "nproc": 1,
+    "hallucination_patience": 1, "gap_patience": 1, "caption_patience": 1, "nproc": 1, "plateau_patience": 0,
 }
 _LEARNING_RATES = ("learning_rate", "vit_lr", "aligner_lr")  # > 0
 _FRACTIONS = (  # in [0, 1]
     "warmup_ratio", "augment_strength", "irrelevant_drop_max", "irrelevant_min",
-    "hallucination_rise_max", "best_irrelevant_margin", "best_hallucination_margin",
+    "hallucination_rise_max", "best_irrelevant_margin", "best_hallucination_margin", "plateau_threshold",
 )
 _NON_NEGATIVE = ("weight_decay", "gap_widen_max", "num_train_epochs")
 _DATA_FILES = ("train_file", "val_file", "bench_file", "general_file", "spotcheck_file", "terms_file")

@@ -321,6 +321,30 @@ def _caption_degraded_trigger(evals: list[Mapping], cfg: Any) -> Trigger | None:
         f"mean chrF vs baseline {', '.join('n/a' if x is None else f'{x:.1f}' for x in chrfs)}).")
 
 
+def eval_loss_plateau(history: Sequence[Mapping], patience: int, threshold: float) -> dict | None:
+    """The task is fitted as far as this run goes: the latest `patience` evaluations did not lower the eval
+    loss below its best so far by more than `threshold` (relative: 0.02 = 2%). Not a guardrail: the run ends
+    as completed (transformers' EarlyStoppingCallback, early_stopping_patience / _threshold, on eval loss).
+    Returns {"step", "best_step", "best_eval_loss", "message"}, or None (also with patience 0 = off)."""
+    if patience < 1:
+        return None
+    best, best_step, since, last = math.inf, None, 0, None
+    for record in _evaluations(history):
+        loss = _number(record.get("eval_loss"))
+        if loss is None:
+            continue
+        last = record["step"]
+        if best_step is None or loss < best * (1 - threshold) - _EPS:
+            best, best_step, since = loss, record["step"], 0
+        else:
+            since += 1
+    if since < patience:
+        return None
+    return {"step": last, "best_step": best_step, "best_eval_loss": best,
+            "message": f"Eval loss plateaued: no evaluation since step {best_step} ({best:.4f}) lowered it by more "
+                       f"than {threshold:.0%} ({since} evaluations, plateau_patience {patience})."}
+
+
 # ------------------------------------------------------------------------------------------------
 # Caption sanity
 

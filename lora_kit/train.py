@@ -205,6 +205,7 @@ class GuardrailCallback(TrainerCallback):
         self.baseline: dict | None = None
         self.baseline_source = None
         self.trigger: guardrails.Trigger | None = None
+        self.plateau: dict | None = None  # guardrails.eval_loss_plateau, when it ended the run
         self.eval_seconds = 0.0
         self.eval_parts: dict[str, float] = {}  # seconds per part of the evaluations (losses, benchmark, ...)
         self.tb = None
@@ -302,13 +303,16 @@ class GuardrailCallback(TrainerCallback):
 
     def _decide(self, measured: tuple[dict, list, list], step: int, epoch: float) -> tuple[bool, bool]:
         """(stop, save) from a measured evaluation, once it is kept and the triggers are checked."""
-        if self.check(measured, step, epoch) and self.cfg.early_stopping:
-            if not self.history[-1]["checkpoint"]:  # keep the checkpoint of the step that fired
-                self.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
-                self.run.rewrite_last_metrics(self.history[-1])
-                return True, True
-            return True, False
-        return False, False
+        stop = self.check(measured, step, epoch) and self.cfg.early_stopping
+        if not stop and step:
+            self.plateau = guardrails.eval_loss_plateau(self.history, self.cfg.plateau_patience,
+                                                        self.cfg.plateau_threshold)
+            stop = self.plateau is not None
+        if stop and not self.history[-1]["checkpoint"]:  # keep the checkpoint of the step that ended the run
+            self.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
+            self.run.rewrite_last_metrics(self.history[-1])
+            return True, True
+        return stop, False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # fp32/bf16 training only (no loss scaling here), so a non-finite training loss is real divergence
@@ -477,6 +481,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             "variant": cfg.variant_name, "status": status,
             "stop_reason": trig.name if trig else None, "stop_step": trig.step if trig else None,
             "stop_probe": trig.probe if trig else None,
+            "plateau": callback.plateau,  # training ended because the eval loss stopped improving
             "stop_values": trig.values if trig else None, "stop_message": trig.message if trig else None,
             "steps": history[-1]["step"], "baseline_source": callback.baseline_source,
             "baseline": {k: callback.baseline.get(k) for k in ("step", "eval_loss", "gap", "general_loss",

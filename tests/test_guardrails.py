@@ -449,3 +449,20 @@ def test_first_bad_steps_say_where_each_guardrail_first_moved():
 
     assert first_bad_steps(history, GROUPED_BASE, CFG) == {"hallucination_rise@task": 25, "irrelevant_drop@general": 50}
     assert [t.key for t in active_triggers(history, GROUPED_BASE, CFG)] == ["hallucination_rise@task"]
+
+
+def test_eval_loss_plateau_after_patience_evaluations_without_a_relative_improvement():
+    from lora_kit.guardrails import eval_loss_plateau
+
+    losses = [4.0, 2.0, 1.0, 0.50, 0.495, 0.49, 0.30, 0.296, 0.2955]
+    history = [rec(20 * i, eval_loss=loss) for i, loss in enumerate(losses)]
+    # threshold 2%: 0.495 and 0.49 are within 2% of 0.50 (>= 0.49), so with patience 2 the plateau holds at step 100
+    assert eval_loss_plateau(history[:6], 2, 0.02) == {
+        "step": 100, "best_step": 60, "best_eval_loss": 0.5,
+        "message": "Eval loss plateaued: no evaluation since step 60 (0.5000) lowered it by more than 2% "
+                   "(2 evaluations, plateau_patience 2)."}
+    assert eval_loss_plateau(history[:5], 2, 0.02) is None  # one evaluation without improvement so far
+    assert eval_loss_plateau(history[:7], 2, 0.02) is None  # 0.30 improved again
+    assert eval_loss_plateau(history, 2, 0.02)["best_step"] == 120
+    assert eval_loss_plateau(history, 0, 0.02) is None  # off
+    assert eval_loss_plateau(history[:6], 2, 0.005) is None  # 0.49 is 2% below 0.50: an improvement at 0.5%
