@@ -663,12 +663,17 @@ def _h4(done: pd.DataFrame, curves: dict, tol: float) -> dict:
     watched = generality(done)
     informative, held, kept, stalled = [], [], [], []
     for variant in runs:
-        mf = curves.get(variant, (pd.DataFrame(), {}))[0]
+        mf, summary = curves.get(variant, (pd.DataFrame(), {}))
         if mf.empty or "eval_loss" not in mf:
             continue
-        start = mf.iloc[0]  # the step-0 evaluation: the model before this run's training
-        degraded = [i for i in range(1, len(mf))
-                    if any(_compare(start, mf.iloc[i], m, d, tol) == "worse" for m, d in watched.items())]
+        moved = summary.get("first_bad_steps")
+        if moved is not None:  # the run's own guardrails: the first evaluation any of them found bad
+            first = min(moved.values(), default=None)
+            degraded = [i for i in range(1, len(mf)) if first is not None and int(mf["step"].iloc[i]) >= first]
+        else:  # a run from before first_bad_steps: the first evaluation worse than step 0 beyond noise
+            start = mf.iloc[0]
+            degraded = [i for i in range(1, len(mf))
+                        if any(_compare(start, mf.iloc[i], m, d, tol) == "worse" for m, d in watched.items())]
         if not degraded:
             held.append(variant)
             continue
@@ -681,15 +686,15 @@ def _h4(done: pd.DataFrame, curves: dict, tol: float) -> dict:
         informative.append(row)
         (kept if after.min() < at - tol * abs(at) else stalled).append(row)
     if not informative:
-        return _verdict("not enough data", f"No run has evaluations after its general metrics degraded "
+        return _verdict("not enough data", f"No run has evaluations after its first guardrail movement "
                         f"({len(held)} runs held throughout: {', '.join(held) or 'none'}); needed: a wide variant "
                         "(e.g. C3) trained past its guardrail triggers with early_stopping: false.")
     show = lambda rows: "; ".join(f"{v} from step {s}: {a:.3f}->{b:.3f}" for v, s, a, b in rows[:3])  # noqa: E731
     if 2 * len(stalled) >= len(informative):
         return _verdict("supported", f"In {len(stalled)} of {len(informative)} runs eval loss stopped improving "
-                        f"(by more than {tol:.0%}) once general metrics degraded ({show(stalled)}).")
+                        f"(by more than {tol:.0%}) once a guardrail first moved ({show(stalled)}).")
     return _verdict("not supported", f"In {len(kept)} of {len(informative)} runs eval loss kept improving after "
-                    f"general metrics degraded ({show(kept)}): task fit still grows while generality falls.")
+                    f"a guardrail first moved ({show(kept)}): task fit still grows while generality falls.")
 
 
 # ---------------------------------------------------------------- everything at once

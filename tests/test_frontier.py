@@ -311,3 +311,18 @@ def test_seed_table_means_intervals_and_frontier_share(tmp_path):
     assert a2["irrelevant_pass@general"] == pytest.approx(0.8) and a2["irrelevant_pass@general_n"] == 120
     assert a2["irrelevant_pass@general_hi"] == 1.0 and 0 <= a2["irrelevant_pass@general_lo"] < 0.8
     assert table.loc["A0", "n_seeds"] == 1
+
+
+def test_h4_reads_the_trajectory_after_the_first_guardrail_movement():
+    study = [row("C2", 2, 4, 0.45), row("C3", 2, 6, 0.45)]
+    flat = [1.0] * 5  # general loss never moves: only the runs' own guardrail records say when they moved
+    # C2's guardrails first moved at step 50 (eval loss 0.5) and its loss fell to 0.3 after: kept improving;
+    # C3's first moved at step 25 (0.6) and its loss stayed within 2%: stalled
+    curves = {"C2": (curve([1.0, 0.6, 0.5, 0.4, 0.3], flat)[0], {"first_bad_steps": {"hallucination_rise@task": 50}}),
+              "C3": (curve([1.0, 0.6, 0.595, 0.598, 0.60], flat)[0], {"first_bad_steps": {"irrelevant_drop@task": 25,
+                                                                                          "gap_widening": 75}})}
+    v = verdicts(study, curves)["H4"]
+    assert v["verdict"] == "supported" and "1 of 2" in v["evidence"] and "C3 from step 25: 0.600->0.595" in v["evidence"]
+    curves["C3"] = (curves["C3"][0], {"first_bad_steps": {}})  # C3's guardrails never moved: it held
+    v = verdicts(study, curves)["H4"]
+    assert v["verdict"] == "not supported" and "C2 from step 50: 0.500->0.300" in v["evidence"]
