@@ -111,10 +111,12 @@ def _gpus() -> int:
         return 0
 
 
-def run_job(job: Job, runs_root: Path, *, slot: int = 0, pin_gpu: bool = True, log=print) -> str:
+def run_job(job: Job, runs_root: Path, *, slot: int = 0, pin_gpu: bool = True, parallel: int = 1, log=print) -> str:
     """Execute train.ipynb for one job with papermill in its own process; returns the final status.
 
     pin_gpu: run on GPU `slot` of this machine; False leaves the GPUs as they are (a Slurm job's own).
+    parallel: how many jobs share this machine; on a CPU each then gets its share of the cores as torch
+    threads (OpenMP threads spin-wait when oversubscribed: measured 5-10x slower, DESIGN.md "Threads").
     """
     folder = runs_root / job.variant
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,6 +129,8 @@ def run_job(job: Job, runs_root: Path, *, slot: int = 0, pin_gpu: bool = True, l
     gpus = _gpus() if pin_gpu else 0
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    elif parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     t0 = time.time()
     log(f"[{job.variant}] started" + (f" on GPU {slot % gpus}" if gpus else ""))
     with open(folder / "papermill.log", "w") as out:
@@ -176,7 +180,8 @@ def run_matrix(jobs: list[Job], *, runs_root: Path | None = None, n_jobs: int = 
     for job in first:
         statuses[job.variant] = run_job(job, runs_root, log=log)
     with ThreadPoolExecutor(max_workers=max(1, n_jobs)) as pool:
-        results = pool.map(lambda ij: run_job(ij[1], runs_root, slot=ij[0], log=log), enumerate(rest))
+        results = pool.map(lambda ij: run_job(ij[1], runs_root, slot=ij[0], parallel=min(n_jobs, len(rest)), log=log),
+                           enumerate(rest))
         for job, status in zip(rest, results):
             statuses[job.variant] = status
     return statuses

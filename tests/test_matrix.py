@@ -75,3 +75,22 @@ def test_dry_run_reports_resume_and_runs_nothing(tmp_path):
     assert statuses["C2"] == "stale"  # 'running' but no live process holds the lock
     assert "[C2] stale: will resume from checkpoint-50" in log
     assert RunFolder(runs / "C2").status() == "stale" and not (runs / "A0").exists()
+
+
+def test_parallel_cpu_jobs_share_the_cores_as_torch_threads(tmp_path, monkeypatch):
+    import os
+    import subprocess
+
+    import lora_kit.matrix as matrix
+
+    seen = []
+    monkeypatch.setattr(matrix, "_gpus", lambda: 0)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, env, **kw: seen.append(env) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    matrix.run_job(Job("C2", PARAMS_DIR / "C2.yaml"), tmp_path, parallel=2, log=lambda *_: None)
+    matrix.run_job(Job("C3", PARAMS_DIR / "C3.yaml"), tmp_path, parallel=1, log=lambda *_: None)
+    assert seen[0]["OMP_NUM_THREADS"] == "4" and "OMP_NUM_THREADS" not in seen[1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    matrix.run_job(Job("C2", PARAMS_DIR / "C2.yaml"), tmp_path, parallel=2, log=lambda *_: None)
+    assert seen[2]["OMP_NUM_THREADS"] == "3"
