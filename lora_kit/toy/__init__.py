@@ -34,8 +34,10 @@ class ToyBuild:
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
 
     def key(self) -> str:
-        blob = json.dumps({"toy_version": TOY_VERSION, "world_version": WORLD_VERSION, **asdict(self)},
-                          sort_keys=True)
+        settings = asdict(self)
+        if settings["model"]["family"] == ToySpec.family:  # the Qwen3-VL toy keeps the key it had before families
+            del settings["model"]["family"]
+        blob = json.dumps({"toy_version": TOY_VERSION, "world_version": WORLD_VERSION, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def root(self) -> Path:
