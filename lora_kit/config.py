@@ -92,6 +92,16 @@ class RunConfig:
     """The answer expected for an irrelevant image (compared after NFKC/punctuation normalisation)."""
     max_length: int = 2048
     """Longest tokenized sample (or packed row), image tokens included."""
+    min_pixels: int | None = None
+    """Smallest area (height x width, in pixels) an image is resized to, in the image processor's own meaning
+    (Qwen-VL smart_resize: aspect ratio kept, sides multiples of patch_size x merge_size); null = the
+    processor's own (its size.shortest_edge). Applied alike in training, every evaluation and the spot-check,
+    and recorded in params.json (image_resolution)."""
+    max_pixels: int | None = None
+    """Largest area an image is resized to, in the same meaning; each image token covers (patch_size x
+    merge_size)^2 pixels (32x32 on Qwen3-VL, 28x28 on Qwen2-VL / Qwen2.5-VL), so this caps the image tokens
+    per image. null = the processor's own (size.longest_edge). An ms-swift run's cap: MAX_PIXELS (Qwen2-VL,
+    Qwen2.5-VL) is this value; IMAGE_MAX_TOKEN_NUM (Qwen3-VL) is this value / 1024."""
     packing: bool = True
     """Pack several samples into one row with a block-diagonal mask (exact on SDPA, see DESIGN.md)."""
     augmentation: Literal["none", "crop_jitter"] = "none"
@@ -680,6 +690,13 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
     for name in _NON_NEGATIVE:
         if c[name] < 0:
             bad([name], "a number >= 0", f"set {name} to e.g. {default(name)}")
+    for name in ("min_pixels", "max_pixels"):
+        if c[name] is not None and c[name] < 1:
+            bad([name], "null (the processor's own) or an image area in pixels >= 1",
+                f"set {name}: null, or e.g. {name}: {1024 * (4 if name == 'min_pixels' else 1280)}")
+    if c["min_pixels"] is not None and c["max_pixels"] is not None and c["min_pixels"] > c["max_pixels"]:
+        bad(["min_pixels", "max_pixels"], "min_pixels <= max_pixels",
+            "lower min_pixels or raise max_pixels (or set one of them to null, the processor's own)")
     if not 0 <= c["caption_chrf_min"] <= 100:
         bad(["caption_chrf_min"], "a chrF score in [0, 100]",
             f"set caption_chrf_min to e.g. {default('caption_chrf_min')}")
