@@ -185,7 +185,7 @@ def bench_training(cfg: RunConfig, model_path: Path, files: dict, *, samples: in
 
     cfg = dataclasses.replace(cfg, num_train_epochs=epochs, max_steps=-1)
     processor = AutoProcessor.from_pretrained(model_path)
-    encoder = Encoder(processor, cfg.max_length)
+    encoder = Encoder.for_run(processor, cfg)
     train_samples, _ = read_jsonl(files["train_file"])
     val_samples, _ = read_jsonl(files["val_file"])
     train_data = [encoder.encode(s) for s in train_samples[:samples]]
@@ -217,7 +217,7 @@ def bench_generation(cfg: RunConfig, model_path: Path, files: dict, *, repeats: 
 
     processor = AutoProcessor.from_pretrained(model_path)
     model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
-    encoder = Encoder(processor, cfg.max_length)
+    encoder = Encoder.for_run(processor, cfg)
     bench = build_evalset(cfg, encoder, files).bench
     sizes = (cfg.per_device_eval_batch_size, 1)
     times: dict[int, list[float]] = {bs: [] for bs in sizes}

@@ -147,6 +147,14 @@ class Encoder:
         self.image_token_id = processor.image_token_id
         self.resolution = image_resolution(processor, min_pixels, max_pixels)
 
+    @classmethod
+    def for_run(cls, processor, params, family=None) -> "Encoder":
+        """The encoder of a run: its max_length and image-size bounds (min_pixels, max_pixels), from a RunConfig
+        or the `config` of a run's params.json, so that training, evaluation and the spot-check encode alike."""
+        get = params.get if isinstance(params, dict) else (lambda key, default=None: getattr(params, key, default))
+        return cls(processor, int(get("max_length", 2048)), family=family, min_pixels=get("min_pixels"),
+                   max_pixels=get("max_pixels"))
+
     def _chat(self, messages, add_generation_prompt=False) -> str:
         converted = [{"role": m["role"], "content": m["content"].replace(IMAGE_MARK, self.vision_placeholder)}
                      for m in messages]

@@ -41,8 +41,8 @@ def family_for(model_type: str | None, where: str, architecture: str | None = No
 
 def family_of_config(config, where: str) -> Family:
     """The family of a loaded config (AutoConfig or model.config)."""
-    architectures = getattr(config, "architectures", None) or []
-    return family_for(getattr(config, "model_type", None), where, architectures[0] if architectures else None)
+    architectures = getattr(config, "architectures", None) or [type(config).__name__]
+    return family_for(getattr(config, "model_type", None), where, architectures[0])
 
 
 def family_of_model(model) -> Family:
@@ -72,7 +72,7 @@ def family_of_processor(processor) -> Family:
 
 
 def load_processor(path: str | Path, family: Family, config, trust_remote_code: bool = False):
-    """AutoProcessor.from_pretrained(path), checked against the model's config.json for this family."""
+    """AutoProcessor.from_pretrained(path), checked against the model's config (config.json) for this family."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -80,5 +80,15 @@ def load_processor(path: str | Path, family: Family, config, trust_remote_code: 
     return processor
 
 
+def folder_processor(processor_dir: str | Path, model_dir: str | Path, trust_remote_code: bool = False):
+    """(family, processor) of a model folder, the processor read from `processor_dir` and checked against the
+    model's config.json; no weight is read."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    family = family_of_config(config, str(model_dir))
+    return family, load_processor(processor_dir, family, config, trust_remote_code)
+
+
 __all__ = ["FAMILIES", "Family", "TRAINED", "family_for", "family_of_config", "family_of_folder", "family_of_model",
-           "family_of_processor", "load_processor"]
+           "family_of_processor", "folder_processor", "load_processor"]
