@@ -179,3 +179,41 @@ def test_a_too_long_sample_names_its_image_tokens_and_the_cap_that_fits(toy_ckpt
     assert len(fitted.input_ids) <= 512
     assert fitted.input_ids.count(processor.image_token_id) >= 0.9 * (512 - n_text)  # and keeps most of the room
     assert "or raise max_length to" in msg
+
+
+@pytest.mark.slow
+def test_the_cap_is_the_same_in_training_evaluation_and_the_spotcheck(toy_ckpt, mini_world, tmp_path):
+    """max_pixels 4096 makes the world's 128x128 images 64x64 (4 tokens instead of the toy's 16) in training,
+    in `evaluate` of the run's checkpoint and in the spot-check; evaluating a copy at the processor's own size
+    gives other numbers, so the run's size is what made them equal."""
+    from lora_kit.evaluate import evaluate_checkpoint
+    from lora_kit.spotcheck import Column, Run, load_column
+    from lora_kit.train import data_files, train
+
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2, llm_last=2, vit_last=0, max_pixels=4096)
+    cfg = load_config([params])
+    run = train(cfg, log=QUIET)
+    recorded = json.loads((run / "params.json").read_text())
+    assert recorded["config"]["max_pixels"] == 4096
+    assert recorded["image_resolution"] == {"min_pixels": 128 * 128, "max_pixels": 4096, "patch_size": 16,
+                                            "merge_size": 2}
+    last = _metrics(run)[-1]
+    ckpt = run / last["checkpoint"]
+
+    unset = load_config([params], {"max_pixels": None})  # evaluate without naming the size: the run's is used
+    result = evaluate_checkpoint(ckpt, unset, files=data_files(unset), out=tmp_path / "eval.json")
+    assert result["image_resolution"]["max_pixels"] == 4096
+    assert result["metrics"]["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-4)
+    with pytest.raises(ConfigError, match=r"max_pixels = 8192, but .* was trained with max_pixels = 4096"):
+        evaluate_checkpoint(ckpt, load_config([params], {"max_pixels": 8192}), files=data_files(unset))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpt, copy)  # outside its run folder: the config's size (the processor's own here)
+    other = evaluate_checkpoint(copy, unset, files=data_files(unset), out=tmp_path / "other.json")
+    assert other["image_resolution"]["max_pixels"] == 128 * 128
+    assert abs(other["metrics"]["eval_loss"] - last["eval_loss"]) > 1e-3
+
+    _, encoder = load_column(Column(Run.read(run), 2, ckpt))
+    assert encoder.resolution == recorded["image_resolution"]
+    samples, _ = read_jsonl(mini_world / "task_val.jsonl")
+    assert encoder.encode(samples[0]).input_ids.count(encoder.image_token_id) == 4
