@@ -32,7 +32,10 @@ import yaml
 
 from lora_kit.errors import ConfigError
 from lora_kit.paths import PARAMS_DIR
-TOY_MODELS = ("toy", "toy-stage2")  # embedded models; any other `model` is a local folder
+# Embedded models: the toy (Qwen3-VL) and the same toy built as another family; any other `model` is a folder.
+TOY_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")  # config.json model_type of each family the toy builds
+TOY_MODELS = ("toy", "toy-stage2") + tuple(f"toy-{family}{stage}" for family in TOY_FAMILIES[1:]
+                                          for stage in ("", "-stage2"))
 
 # The study (DESIGN.md): variant -> (llm_last, vit_last).
 STUDY_VARIANTS: dict[str, tuple[int, int]] = {
@@ -63,8 +66,10 @@ class RunConfig:
     """Instead of llm_last/vit_last: a regex matched with re.fullmatch against full module names, as
     peft does (names start with `model.`). Needs llm_last 0, vit_last 0 and an explicit variant."""
     model: str = "toy"
-    """Base model: `toy` (embedded stage-3 toy base), `toy-stage2` (its stage-2 checkpoint), or a
-    local Hugging Face model folder (e.g. a merged stage-3 Qwen3-VL-4B) with a config.json."""
+    """Base model: `toy` (embedded stage-3 toy base), `toy-stage2` (its stage-2 checkpoint), the same
+    toy as a Qwen2.5-VL or Qwen2-VL (`toy-qwen2_5_vl`, `toy-qwen2_vl`, each with `-stage2`), or a local
+    Hugging Face model folder (e.g. a merged stage-3 Qwen3-VL-4B) with a config.json. Trained families:
+    Qwen3-VL, Qwen2.5-VL, Qwen2-VL."""
     profile: str = "toy"
     """Parameter profile applied right after these defaults: params/profiles/<profile>.yaml, or
     `none`. `toy` makes runs on the toy model show something in minutes on a CPU and is refused for
@@ -334,10 +339,11 @@ def load_config(
             origins[key] = where
 
     checks = _value_problems(values)
-    if values["profile"] == "toy" and values["model"] not in TOY_MODELS:
+    if values["profile"] == "toy" and values["model"] not in TOY_MODELS and not is_toy_folder(values["model"]):
         checks.append(_Problem(
             f"profile = toy and model = {_show(values['model'])}",
-            "the toy profile only with model toy or toy-stage2 (its learning rates and step "
+            "the toy profile only with a toy model (toy, toy-stage2, toy-<family>, or a folder built by "
+            "`python -m lora_kit toy build`: its learning rates and step "
             "counts are tuned for the embedded toy model)",
             "set profile: none for a real model folder", params=("profile", "model")))
     for problem in checks:
@@ -767,7 +773,7 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
     model = c["model"]
     if model not in TOY_MODELS and not _is_file(Path(model) / "config.json"):
         found = "a folder without config.json" if _is_dir(Path(model)) else "no such folder"
-        bad(["model"], f"toy, toy-stage2 or a Hugging Face model folder ({found})",
+        bad(["model"], f"{', '.join(TOY_MODELS)} or a Hugging Face model folder ({found})",
             "give the folder holding config.json and the weights, or model: toy")
     adapter = c["init_adapter"]
     if adapter is not None and not _is_file(Path(adapter) / "adapter_config.json"):
@@ -798,6 +804,12 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
 
 # ------------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def is_toy_folder(model: str) -> bool:
+    """A checkpoint folder built by `toy build` (toy_spec.json in it, its world beside it): a toy, by path."""
+    path = Path(model)
+    return _is_file(path / "toy_spec.json") and _is_file(path.parent / "world" / "world.json")
 
 
 def _is_file(path: Path) -> bool:

@@ -105,9 +105,9 @@ def plan_prefix(model, *, augmentation: str = "none", world_size: int = 1) -> Pr
         return PrefixPlan("none", why="the first vision block trains: no frozen prefix")
     if _has_dropout(blocks[:vit_start]):
         return PrefixPlan("none", why="dropout inside the frozen vision blocks makes their output random")
-    taps = " and their deepstack taps" if family.taps(visual) else ""
+    cached = "their output and deepstack taps are" if family.taps(visual) else "their output is"
     return PrefixPlan("vision", vit_start=vit_start,
-                      why=f"vision blocks 0-{vit_start - 1} frozen: their output{taps} are cached per image")
+                      why=f"vision blocks 0-{vit_start - 1} frozen: {cached} cached per image")
 
 
 # ---------------------------------------------------------------- running parts of the model

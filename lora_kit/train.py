@@ -321,17 +321,20 @@ class GuardrailCallback(TrainerCallback):
 # ---------------------------------------------------------------- the run
 
 def data_files(cfg: RunConfig) -> dict[str, Path]:
-    """The resolved *_file parameters: the toy world's files where a toy model leaves them unset."""
-    from .toy import toy_files
+    """The resolved *_file parameters: the toy world's files where a toy model (a toy name, or a folder built by
+    `toy build`) leaves them unset."""
+    from .config import is_toy_folder
+    from .toy import toy_build_and_stage, toy_files
 
     files = {k: getattr(cfg, k) for k in ("train_file", "val_file", "bench_file", "general_file",
                                           "spotcheck_file", "terms_file")}
     if any(v is None for v in files.values()):
-        if cfg.model not in ("toy", "toy-stage2"):
+        toy = toy_build_and_stage(cfg.model)
+        if toy is None and not is_toy_folder(cfg.model):
             missing = [k for k, v in files.items() if v is None]
             raise ConfigError(f"{', '.join(missing)} not set: a real model needs its data files; "
                               "set them in the variant file or with --set.")
-        defaults = toy_files()
+        defaults = toy_files(toy[0]) if toy else toy_files(world=Path(cfg.model).parent / "world")
         files = {k: Path(v) if v is not None else defaults[k] for k, v in files.items()}
     return {k: Path(v) for k, v in files.items()}
 

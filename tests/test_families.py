@@ -217,3 +217,61 @@ def test_the_cap_is_the_same_in_training_evaluation_and_the_spotcheck(toy_ckpt, 
     assert encoder.resolution == recorded["image_resolution"]
     samples, _ = read_jsonl(mini_world / "task_val.jsonl")
     assert encoder.encode(samples[0]).input_ids.count(encoder.image_token_id) == 4
+
+
+# ---------------------------------------------------------------- the toy per family
+
+def test_toy_names_of_each_family_and_the_default_key():
+    import dataclasses
+    import hashlib
+
+    from lora_kit.config import TOY_MODELS
+    from lora_kit.toy import DEFAULT, TOY_VERSION, WORLD_VERSION, build_of_family, toy_build_and_stage
+
+    # the Qwen3-VL toy keeps the key it had before families existed (its cached build stays valid)
+    old = dataclasses.asdict(DEFAULT)
+    del old["model"]["family"]
+    blob = json.dumps({"toy_version": TOY_VERSION, "world_version": WORLD_VERSION, **old}, sort_keys=True)
+    assert DEFAULT.key() == hashlib.sha256(blob.encode()).hexdigest()[:10]
+    assert build_of_family("qwen3_vl") == DEFAULT
+    keys = {DEFAULT.key(), build_of_family("qwen2_5_vl").key(), build_of_family("qwen2_vl").key()}
+    assert len(keys) == 3
+    assert toy_build_and_stage("toy") == (DEFAULT, "stage3")
+    assert toy_build_and_stage("toy-qwen2_5_vl-stage2") == (build_of_family("qwen2_5_vl"), "stage2")
+    assert toy_build_and_stage("toy-qwen2_vl") == (build_of_family("qwen2_vl"), "stage3")
+    assert toy_build_and_stage("/models/qwen2.5-vl") is None
+    assert set(TOY_MODELS) == {"toy", "toy-stage2", "toy-qwen2_5_vl", "toy-qwen2_5_vl-stage2", "toy-qwen2_vl",
+                               "toy-qwen2_vl-stage2"}
+    assert load_config([], {"model": "toy-qwen2_5_vl"}).profile == "toy"  # a toy name keeps the toy profile
+
+
+def test_a_folder_built_by_toy_build_is_a_toy(family_ckpt, mini_world, tmp_path):
+    """A toy checkpoint folder with its world beside it takes the toy profile and the world's data files."""
+    from lora_kit.train import data_files
+
+    root = tmp_path / "toy"
+    shutil.copytree(family_ckpt("qwen2_5_vl"), root / "init")
+    shutil.copytree(mini_world, root / "world")
+    cfg = load_config([], {"model": str(root / "init")})
+    assert cfg.profile == "toy" and data_files(cfg)["train_file"] == root / "world" / "task_train.jsonl"
+    (root / "world" / "world.json").unlink()  # no world beside it: an ordinary folder, refused with the toy profile
+    with pytest.raises(ConfigError, match="the toy profile only with a toy model"):
+        load_config([], {"model": str(root / "init")})
+
+
+@pytest.mark.slow
+def test_a_miniature_toy_of_another_family_builds_pretrains_and_reports(tmp_path, monkeypatch):
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from lora_kit.toy import build_toy, resolve_model
+    from test_toy_build import MINI
+
+    monkeypatch.setenv("LORA_KIT_OUTPUTS", str(tmp_path))
+    mini = dataclasses.replace(MINI, model=dataclasses.replace(MINI.model, family="qwen2_5_vl"))
+    report = build_toy(build=mini, progress=False)
+    assert report["stage3"]["metrics"]["irrelevant_pass"]["n"] == 3
+    stage3 = resolve_model("toy", build=mini)
+    assert AutoConfig.from_pretrained(stage3).model_type == "qwen2_5_vl"
+    assert (stage3 / "toy_spec.json").is_file()

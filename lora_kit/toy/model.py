@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
 )
 
 
-TOY_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")  # config.json model_type of each family the toy builds
+from ..config import TOY_FAMILIES  # config.json model_type of each family the toy builds (qwen3_vl first)
 
 
 @dataclass(frozen=True)
