@@ -223,10 +223,14 @@ class Encoder:
         head += (f"; {sum(counts)} of them are image tokens ({len(counts)} image{'s' if len(counts) > 1 else ''} of "
                  f"{sizes} px -> {'+'.join(map(str, counts))} tokens at max_pixels={self.resolution['max_pixels']}), "
                  f"{n_text} text tokens")
-        cap = self.max_pixels_that_fit(images, self.max_length - n_text)
-        if cap is None:
+        budget = self.max_length - n_text
+        cap = self.max_pixels_that_fit(images, budget)
+        if cap is None and budget < len(counts):
             return head + f". The text alone leaves no room for the images: shorten it or raise max_length to at " \
                           f"least {n_tokens}."
+        if cap is None:  # min_pixels scales small images up past every cap
+            return head + (f". No max_pixels fits them while min_pixels={self.resolution['min_pixels']} keeps each "
+                           f"image at least that large: lower min_pixels too, or raise max_length to {n_tokens}.")
         per_side = self.resolution["patch_size"] * self.resolution["merge_size"]
         return head + (f". The image-size cap max_pixels={cap} (at most {cap // per_side ** 2} tokens per image, one "
                        f"token per {per_side}x{per_side} px) fits it into max_length; or raise max_length to {n_tokens} "
