@@ -148,3 +148,18 @@ def test_each_family_fast_loss_and_gradients_equal_the_models_own(family_ckpt, m
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.05)
     assert prefix.hits == 2 and prefix.misses == 6
+
+
+def test_sliding_window_decoder_layers_turn_the_fast_path_off_with_the_reason(family_ckpt):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(family_ckpt("qwen2_5_vl"))
+    config.text_config.use_sliding_window, config.text_config.sliding_window = True, 64
+    config.text_config.max_window_layers = 0
+    config.text_config.layer_types = ["sliding_attention"] * config.text_config.num_hidden_layers
+    model = AutoModelForImageTextToText.from_config(config)
+    towers = find_towers(model)
+    cfg = RunConfig(model=str(family_ckpt("qwen2_5_vl")), profile="none", llm_last=2, lora_dropout=0.0)
+    model, _ = attach_lora(model, plan_targets(towers, 2, 0), towers, cfg)
+    plan = plan_prefix(model)
+    assert plan.mode == "none" and "sliding-window" in plan.why
