@@ -19,9 +19,16 @@ def cmd_targets(args) -> int:
 
 
 def cmd_toy_build(args) -> int:
-    from .toy import build_toy
+    from .toy import build_of_family, build_toy, init_dir
 
-    report = build_toy(progress=True)
+    build = build_of_family(args.family)
+    if args.random_init:  # the world and the randomly initialised checkpoint only: seconds, not a pretraining
+        folder = init_dir(build)
+        print(folder)
+        print(f"a random-init {args.family} toy: use it as --set model={folder} (its world gives the data files)",
+              file=sys.stderr)
+        return 0
+    report = build_toy(build=build, progress=True)
     print(json.dumps(report, indent=2, ensure_ascii=False))
     return 0
 
@@ -138,6 +145,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import TOY_FAMILIES
+
     parser = argparse.ArgumentParser(prog="python -m lora_kit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -155,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("toy", help="the embedded toy world and base model")
     toy_sub = p.add_subparsers(dest="toy_command", required=True)
     b = toy_sub.add_parser("build", help="build the toy data and pretrained base once (cached under outputs/toy)")
+    b.add_argument("--family", choices=TOY_FAMILIES, default=TOY_FAMILIES[0],
+                   help="the architecture of the toy (default qwen3_vl, model: toy); another family's pretrained toy "
+                        "is model: toy-<family>")
+    b.add_argument("--random-init", action="store_true",
+                   help="build only the world and the randomly initialised checkpoint and print its folder")
     b.set_defaults(func=cmd_toy_build)
 
     p = sub.add_parser("train", help="train one variant into outputs/runs/<variant> (what train.ipynb runs)")

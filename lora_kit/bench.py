@@ -39,10 +39,13 @@ def bench_config(variant: str, files: list[str], overrides: dict, toy_dir: Path 
     """The variant's RunConfig as `train` would resolve it, pointed at a built toy folder when given."""
     overrides = dict(overrides)
     files = list(files)
-    if toy_dir is None and random_init and overrides.get("model", "toy") in ("toy", "toy-stage2"):
+    from .toy import toy_build_and_stage
+
+    toy = toy_build_and_stage(overrides.get("model", "toy"))
+    if toy_dir is None and random_init and toy is not None:
         from .toy import init_dir
 
-        toy_dir = init_dir().parent  # builds only the toy world and the random checkpoint when missing
+        toy_dir = init_dir(toy[0]).parent  # builds only the toy world and the random checkpoint when missing
     if toy_dir is not None:  # a toy folder (stage3/, init/, world/) in place of the default toy's key
         world = toy_dir / "world"
         overrides = {"model": str(toy_dir / ("init" if random_init else "stage3")), "profile": "none",
@@ -185,7 +188,7 @@ def bench_training(cfg: RunConfig, model_path: Path, files: dict, *, samples: in
 
     cfg = dataclasses.replace(cfg, num_train_epochs=epochs, max_steps=-1)
     processor = AutoProcessor.from_pretrained(model_path)
-    encoder = Encoder(processor, cfg.max_length)
+    encoder = Encoder.for_run(processor, cfg)
     train_samples, _ = read_jsonl(files["train_file"])
     val_samples, _ = read_jsonl(files["val_file"])
     train_data = [encoder.encode(s) for s in train_samples[:samples]]
@@ -217,7 +220,7 @@ def bench_generation(cfg: RunConfig, model_path: Path, files: dict, *, repeats: 
 
     processor = AutoProcessor.from_pretrained(model_path)
     model = AutoModelForImageTextToText.from_pretrained(model_path).eval()
-    encoder = Encoder(processor, cfg.max_length)
+    encoder = Encoder.for_run(processor, cfg)
     bench = build_evalset(cfg, encoder, files).bench
     sizes = (cfg.per_device_eval_batch_size, 1)
     times: dict[int, list[float]] = {bs: [] for bs in sizes}

@@ -32,7 +32,10 @@ import yaml
 
 from lora_kit.errors import ConfigError
 from lora_kit.paths import PARAMS_DIR
-TOY_MODELS = ("toy", "toy-stage2")  # embedded models; any other `model` is a local folder
+# Embedded models: the toy (Qwen3-VL) and the same toy built as another family; any other `model` is a folder.
+TOY_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")  # config.json model_type of each family the toy builds
+TOY_MODELS = ("toy", "toy-stage2") + tuple(f"toy-{family}{stage}" for family in TOY_FAMILIES[1:]
+                                          for stage in ("", "-stage2"))
 
 # The study (DESIGN.md): variant -> (llm_last, vit_last).
 STUDY_VARIANTS: dict[str, tuple[int, int]] = {
@@ -63,8 +66,10 @@ class RunConfig:
     """Instead of llm_last/vit_last: a regex matched with re.fullmatch against full module names, as
     peft does (names start with `model.`). Needs llm_last 0, vit_last 0 and an explicit variant."""
     model: str = "toy"
-    """Base model: `toy` (embedded stage-3 toy base), `toy-stage2` (its stage-2 checkpoint), or a
-    local Hugging Face model folder (e.g. a merged stage-3 Qwen3-VL-4B) with a config.json."""
+    """Base model: `toy` (embedded stage-3 toy base), `toy-stage2` (its stage-2 checkpoint), the same
+    toy as a Qwen2.5-VL or Qwen2-VL (`toy-qwen2_5_vl`, `toy-qwen2_vl`, each with `-stage2`), or a local
+    Hugging Face model folder (e.g. a merged stage-3 Qwen3-VL-4B) with a config.json. Trained families:
+    Qwen3-VL, Qwen2.5-VL, Qwen2-VL."""
     profile: str = "toy"
     """Parameter profile applied right after these defaults: params/profiles/<profile>.yaml, or
     `none`. `toy` makes runs on the toy model show something in minutes on a CPU and is refused for
@@ -92,6 +97,16 @@ class RunConfig:
     """The answer expected for an irrelevant image (compared after NFKC/punctuation normalisation)."""
     max_length: int = 2048
     """Longest tokenized sample (or packed row), image tokens included."""
+    min_pixels: int | None = None
+    """Smallest area (height x width, in pixels) an image is resized to, in the image processor's own meaning
+    (Qwen-VL smart_resize: aspect ratio kept, sides multiples of patch_size x merge_size); null = the
+    processor's own (its size.shortest_edge). Applied alike in training, every evaluation and the spot-check,
+    and recorded in params.json (image_resolution)."""
+    max_pixels: int | None = None
+    """Largest area an image is resized to, in the same meaning; each image token covers (patch_size x
+    merge_size)^2 pixels (32x32 on Qwen3-VL, 28x28 on Qwen2-VL / Qwen2.5-VL), so this caps the image tokens
+    per image. null = the processor's own (size.longest_edge). An ms-swift run's cap: MAX_PIXELS (Qwen2-VL,
+    Qwen2.5-VL) is this value; IMAGE_MAX_TOKEN_NUM (Qwen3-VL) is this value / 1024."""
     packing: bool = True
     """Pack several samples into one row with a block-diagonal mask (exact on SDPA, see DESIGN.md)."""
     augmentation: Literal["none", "crop_jitter"] = "none"
@@ -338,10 +353,11 @@ def load_config(
             origins[key] = where
 
     checks = _value_problems(values)
-    if values["profile"] == "toy" and values["model"] not in TOY_MODELS:
+    if values["profile"] == "toy" and values["model"] not in TOY_MODELS and not is_toy_folder(values["model"]):
         checks.append(_Problem(
             f"profile = toy and model = {_show(values['model'])}",
-            "the toy profile only with model toy or toy-stage2 (its learning rates and step "
+            "the toy profile only with a toy model (toy, toy-stage2, toy-<family>, or a folder built by "
+            "`python -m lora_kit toy build`: its learning rates and step "
             "counts are tuned for the embedded toy model)",
             "set profile: none for a real model folder", params=("profile", "model")))
     for problem in checks:
@@ -694,6 +710,13 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
     for name in _NON_NEGATIVE:
         if c[name] < 0:
             bad([name], "a number >= 0", f"set {name} to e.g. {default(name)}")
+    for name in ("min_pixels", "max_pixels"):
+        if c[name] is not None and c[name] < 1:
+            bad([name], "null (the processor's own) or an image area in pixels >= 1",
+                f"set {name}: null, or e.g. {name}: {1024 * (4 if name == 'min_pixels' else 1280)}")
+    if c["min_pixels"] is not None and c["max_pixels"] is not None and c["min_pixels"] > c["max_pixels"]:
+        bad(["min_pixels", "max_pixels"], "min_pixels <= max_pixels",
+            "lower min_pixels or raise max_pixels (or set one of them to null, the processor's own)")
     if not 0 <= c["caption_chrf_min"] <= 100:
         bad(["caption_chrf_min"], "a chrF score in [0, 100]",
             f"set caption_chrf_min to e.g. {default('caption_chrf_min')}")
@@ -764,7 +787,7 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
     model = c["model"]
     if model not in TOY_MODELS and not _is_file(Path(model) / "config.json"):
         found = "a folder without config.json" if _is_dir(Path(model)) else "no such folder"
-        bad(["model"], f"toy, toy-stage2 or a Hugging Face model folder ({found})",
+        bad(["model"], f"{', '.join(TOY_MODELS)} or a Hugging Face model folder ({found})",
             "give the folder holding config.json and the weights, or model: toy")
     adapter = c["init_adapter"]
     if adapter is not None and not _is_file(Path(adapter) / "adapter_config.json"):
@@ -795,6 +818,12 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
 
 # ------------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def is_toy_folder(model: str) -> bool:
+    """A checkpoint folder built by `toy build` (toy_spec.json in it, its world beside it): a toy, by path."""
+    path = Path(model)
+    return _is_file(path / "toy_spec.json") and _is_file(path.parent / "world" / "world.json")
 
 
 def _is_file(path: Path) -> bool:

@@ -113,16 +113,47 @@ def load_images(sample: Sample) -> list:
     return images
 
 
-class Encoder:
-    """Turns samples into token ids with assistant-only labels, through the checkpoint's own processor."""
+def image_resolution(processor, min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+    """The image-size bounds an encoding uses, in the processor's own meaning: each image is resized (aspect kept,
+    sides multiples of patch_size * merge_size) so that its area lies in [min_pixels, max_pixels]; None takes the
+    processor's own value (its size's shortest_edge / longest_edge). Returned with the patch and merge size, so
+    that params.json records the resolution a model was trained at."""
+    ip = processor.image_processor
+    size = ip.size
+    return {"min_pixels": int(min_pixels if min_pixels is not None else size["shortest_edge"]),
+            "max_pixels": int(max_pixels if max_pixels is not None else size["longest_edge"]),
+            "patch_size": int(ip.patch_size), "merge_size": int(ip.merge_size)}
 
-    def __init__(self, processor, max_length: int):
+
+class Encoder:
+    """Turns samples into token ids with assistant-only labels, through the checkpoint's own processor.
+
+    `family` (default: the processor's, see lora_kit.families) gives the image placeholder and the image-token
+    count of a grid. `min_pixels` / `max_pixels` bound each image's area as the processor's own parameters do
+    (None: the processor's setting); training, every evaluation and the spot-check encode through an Encoder,
+    so an image becomes the same tokens in all of them.
+    """
+
+    def __init__(self, processor, max_length: int, *, family=None, min_pixels: int | None = None,
+                 max_pixels: int | None = None):
+        from .families import family_of_processor
+
         self.processor = processor
+        self.family = family if family is not None else family_of_processor(processor)
         self.tokenizer = processor.tokenizer
         self.max_length = max_length
         self.image_pad = processor.image_token
-        self.vision_placeholder = processor.vision_start_token + processor.image_token + processor.vision_end_token
+        self.vision_placeholder = self.family.placeholder(processor)
         self.image_token_id = processor.image_token_id
+        self.resolution = image_resolution(processor, min_pixels, max_pixels)
+
+    @classmethod
+    def for_run(cls, processor, params, family=None) -> "Encoder":
+        """The encoder of a run: its max_length and image-size bounds (min_pixels, max_pixels), from a RunConfig
+        or the `config` of a run's params.json, so that training, evaluation and the spot-check encode alike."""
+        get = params.get if isinstance(params, dict) else (lambda key, default=None: getattr(params, key, default))
+        return cls(processor, int(get("max_length", 2048)), family=family, min_pixels=get("min_pixels"),
+                   max_pixels=get("max_pixels"))
 
     def _chat(self, messages, add_generation_prompt=False) -> str:
         converted = [{"role": m["role"], "content": m["content"].replace(IMAGE_MARK, self.vision_placeholder)}
@@ -136,13 +167,13 @@ class Encoder:
             return None, None
         if augment is not None:
             images = [augment(im) for im in images]
-        out = self.processor.image_processor(images=images, return_tensors="pt")
+        size = {"shortest_edge": self.resolution["min_pixels"], "longest_edge": self.resolution["max_pixels"]}
+        out = self.processor.image_processor(images=images, size=size, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 
     def _tokenize(self, text: str, grid) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and character offsets (in `text`) with each image pad expanded to its token count."""
-        merge = self.processor.image_processor.merge_size ** 2
-        counts = [int(g.prod()) // merge for g in grid] if grid is not None else []
+        counts = self.family.image_tokens(grid, self.processor)
         pieces = text.split(self.image_pad)
         if len(pieces) - 1 != len(counts):
             raise DataError(f"internal: {len(pieces) - 1} image pads for {len(counts)} images")
@@ -172,14 +203,56 @@ class Encoder:
                                 "lora_kit cannot find the assistant tokens to supervise.")
             end = len(upto.rstrip())  # the newline after the end-of-turn token is not learned
             spans.append((len(prefix), end))
-        pixel_values, grid = self.pixels(load_images(sample), augment)
+        images = load_images(sample)
+        pixel_values, grid = self.pixels(images, augment)
         ids, offsets = self._tokenize(text, grid)
         labels = [tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX
                   for tok, (s, _) in zip(ids, offsets)]
         if len(ids) > self.max_length:
-            raise DataError(f"{sample.source}: {len(ids)} tokens, longer than max_length={self.max_length}; "
-                            "raise max_length or shorten the sample.")
+            raise DataError(self._too_long(sample.source, len(ids), images, grid))
         return Encoded(ids, labels, pixel_values, grid, sample.source)
+
+    def _too_long(self, source: str, n_tokens: int, images: list, grid) -> str:
+        """Why a sample exceeds max_length: how many of its tokens are image tokens, and the cap that fits."""
+        counts = self.family.image_tokens(grid, self.processor)
+        head = f"{source}: {n_tokens} tokens, longer than max_length={self.max_length}"
+        if not counts:
+            return head + "; raise max_length or shorten the sample."
+        n_text = n_tokens - sum(counts)
+        sizes = ", ".join(f"{im.width}x{im.height}" for im in images)
+        head += (f"; {sum(counts)} of them are image tokens ({len(counts)} image{'s' if len(counts) > 1 else ''} of "
+                 f"{sizes} px -> {'+'.join(map(str, counts))} tokens at max_pixels={self.resolution['max_pixels']}), "
+                 f"{n_text} text tokens")
+        budget = self.max_length - n_text
+        cap = self.max_pixels_that_fit(images, budget)
+        if cap is None and budget < len(counts):
+            return head + f". The text alone leaves no room for the images: shorten it or raise max_length to at " \
+                          f"least {n_tokens}."
+        if cap is None:  # min_pixels scales small images up past every cap
+            return head + (f". No max_pixels fits them while min_pixels={self.resolution['min_pixels']} keeps each "
+                           f"image at least that large: lower min_pixels too, or raise max_length to {n_tokens}.")
+        per_side = self.resolution["patch_size"] * self.resolution["merge_size"]
+        return head + (f". The image-size cap max_pixels={cap} (at most {cap // per_side ** 2} tokens per image, one "
+                       f"token per {per_side}x{per_side} px) fits it into max_length; or raise max_length to {n_tokens} "
+                       "to keep this resolution.")
+
+    def image_tokens_at(self, images: list, max_pixels: int) -> int:
+        """Image tokens the processor gives these PIL images under max_pixels (and this encoder's min_pixels)."""
+        ip = self.processor.image_processor
+        bounds = {"min_pixels": self.resolution["min_pixels"], "max_pixels": max_pixels}
+        merge = self.resolution["merge_size"] ** 2
+        return sum(ip.get_number_of_image_patches(im.height, im.width, bounds) // merge for im in images)
+
+    def max_pixels_that_fit(self, images: list, budget: int) -> int | None:
+        """The largest max_pixels (a multiple of one image token's area) whose images take at most `budget`
+        tokens, as the processor resizes them; None when not even one token per image fits."""
+        per_token = (self.resolution["patch_size"] * self.resolution["merge_size"]) ** 2
+        tokens = budget // len(images) if images else 0
+        while tokens >= 1:  # usually the first try: each image then has at most `tokens` tokens
+            if self.image_tokens_at(images, tokens * per_token) <= budget:
+                return tokens * per_token
+            tokens -= 1
+        return None
 
     def encode_prompt(self, sample: Sample, augment=None) -> Encoded:
         """The conversation up to (not including) its final assistant turn, ending with the generation prompt."""
@@ -250,18 +323,10 @@ def collate_padded(batch: list[Encoded], pad_id: int, image_token_id: int, paddi
 
 
 def rope_index_fn(model):
-    """The model's own multimodal rope index (Qwen-VL `get_rope_index`), found through peft wrappers."""
-    inner = model
-    for _ in range(4):
-        if hasattr(inner, "get_rope_index"):
-            return inner.get_rope_index
-        inner = getattr(inner, "model", None) or getattr(inner, "base_model", None)
-        if inner is None:
-            break
-    from .errors import ConfigError
+    """The model's own multimodal rope index (the family's `get_rope_index`), found through peft wrappers."""
+    from .families import Family
 
-    raise ConfigError("packing=true needs a model with multimodal rope (Qwen-VL `get_rope_index`); "
-                      "set packing: false for this model.")
+    return Family.rope_index(model)
 
 
 def pack_rows(batch: list[Encoded], max_length: int) -> list[list[Encoded]]:

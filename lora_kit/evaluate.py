@@ -327,9 +327,13 @@ def start_model(base_path: str | Path, init_adapter: str | Path | None = None, *
                 dtype=None, trust_remote_code: bool = False):
     """A run's model before its own LoRA: the base with init_adapter folded in, as train.attach_lora builds it.
 
-    A "continued" run trained init_adapter itself, so its checkpoints hold it whole and go on the bare base."""
+    A "continued" run trained init_adapter itself, so its checkpoints hold it whole and go on the bare base.
+    A model of a family the kit does not train is refused before its weights are read."""
     from transformers import AutoModelForImageTextToText
 
+    from .families import family_of_folder
+
+    family_of_folder(base_path, trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if init_adapter and not continued:
         from peft import PeftModel
@@ -373,10 +377,9 @@ def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_mod
     """
     import json
 
-    from transformers import AutoProcessor
-
     from .device import compute_device, compute_dtype
     from .errors import ConfigError
+    from .families import folder_processor
     from .toy import resolve_model
 
     checkpoint = Path(checkpoint)
@@ -405,8 +408,30 @@ def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_mod
                           "config.json (a full model); point it at a checkpoint folder.")
     processor_dir = checkpoint if (checkpoint / "preprocessor_config.json").exists() or \
         (checkpoint / "processor_config.json").exists() else base_path
-    processor = AutoProcessor.from_pretrained(processor_dir, trust_remote_code=trust_remote_code)
+    _, processor = folder_processor(processor_dir, base_path, trust_remote_code)
     return model.to(compute_device()).eval(), processor, base_path
+
+
+def image_bounds_for(cfg, checkpoint: str | Path) -> dict:
+    """min_pixels / max_pixels to evaluate a checkpoint with: its run's own (params.json) when it sits in a run
+    folder, so that its numbers compare with the run's metrics; otherwise the config's. A config value that
+    contradicts the run's is refused, naming both."""
+    from .errors import ConfigError
+
+    mine = {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
+    run = run_of_checkpoint(Path(checkpoint))
+    if run is None:
+        return mine
+    theirs = {k: (run.get("config") or {}).get(k) for k in mine}
+    clash = [k for k in mine if mine[k] is not None and mine[k] != theirs[k]]
+    if clash:
+        raise ConfigError(
+            "; ".join(f"{k} = {mine[k]}, but {checkpoint} was trained with {k} = {theirs[k]} (its run's params.json)"
+                      for k in clash)
+            + ". Evaluating a run's checkpoint uses the run's image size, so that its numbers compare with the run's "
+              "metrics. Fix: leave " + " and ".join(clash) + " unset, or copy the checkpoint out of its run folder "
+              "to evaluate it at another size.")
+    return theirs
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg, *, base: str | None = None, files: dict | None = None,
@@ -414,13 +439,17 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg, *, base: str | None = None,
     """`python -m lora_kit evaluate`: every guardrail metric of any checkpoint, written as JSON."""
     from .rundir import write_json_atomic
 
+    from .families import family_of_model
+
+    bounds = image_bounds_for(cfg, checkpoint)  # before any weight is read
     model, processor, base_path = load_for_evaluation(checkpoint, base=base, default_model=cfg.model,
                                                       init_adapter=cfg.init_adapter,
                                                       trust_remote_code=cfg.trust_remote_code)
-    encoder = Encoder(processor, cfg.max_length)
+    encoder = Encoder.for_run(processor, {"max_length": cfg.max_length, **bounds}, family_of_model(model))
     es = build_evalset(cfg, encoder, files)
     record, gens, _ = guardrail_record(model, encoder, es, cfg, step=None, baseline_captions=baseline_captions)
-    result = {"checkpoint": str(checkpoint), "base": str(base_path), "metrics": record,
+    result = {"checkpoint": str(checkpoint), "base": str(base_path), "image_resolution": encoder.resolution,
+              "metrics": record,
               "data_files": {k: str(v) for k, v in files.items()}, "samples": samples_record(es.bench, gens)}
     out = Path(out) if out else Path(checkpoint) / "lora_kit_eval.json"
     write_json_atomic(out, result)

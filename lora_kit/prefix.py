@@ -11,7 +11,10 @@ and a frozen layer without dropout gives the same output for the same input at e
   features tapped among them are cached per image; every step runs the trained vision blocks, the
   merger and the decoder.
 - `none`: nothing cached (image augmentation draws new pixels at every step, dropout inside the
-  frozen part, several processes, a model that is not Qwen3-VL-shaped).
+  frozen part, several processes, sliding-window decoder layers, a family the kit does not know).
+
+What differs between model families (Qwen3-VL's deepstack taps, Qwen2.5-VL's windowed vision attention, the
+image-feature type the model takes back) comes from the model's family (lora_kit/families/).
 
 In every case only the supervised positions go through lm_head (the loss needs no other logits).
 The cache is keyed by the sample's source and token ids, so an augmented or re-encoded sample never
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import IGNORE_INDEX, Encoded, collate_padded
+from .families import family_of_model
 
 
 @dataclass(frozen=True)
@@ -64,29 +68,35 @@ def _has_dropout(modules) -> bool:
 
 def plan_prefix(model, *, augmentation: str = "none", world_size: int = 1) -> PrefixPlan:
     """The largest frozen prefix of this LoRA-wrapped model that can be cached, read from requires_grad."""
+    from .errors import ConfigError
+
     core = core_model(model)
-    inner = getattr(core, "model", None)
-    visual = getattr(inner, "visual", None)
-    text = getattr(inner, "language_model", None)
-    if not all(hasattr(visual, a) for a in ("blocks", "merger", "deepstack_visual_indexes", "deepstack_merger_list")) \
-            or not all(hasattr(text, a) for a in ("layers", "rotary_emb", "norm", "embed_tokens")) \
-            or not hasattr(core, "lm_head"):
-        return PrefixPlan("none", why="not a Qwen3-VL-shaped model (visual.blocks, deepstack, language_model.layers)")
+    try:
+        family = family_of_model(model)
+    except ConfigError as e:
+        return PrefixPlan("none", why=str(e))
+    inner = core.model
+    visual, text = inner.visual, inner.language_model
     if world_size > 1:
         return PrefixPlan("none", why=f"{world_size} processes: the fast path would call the model around DDP")
     if augmentation != "none":
         return PrefixPlan("none", why=f"augmentation={augmentation} draws new pixels at every step, so no image "
                                       "feature is ever reused")
+    if getattr(text, "has_sliding_layers", False):
+        return PrefixPlan("none", why="sliding-window decoder layers (use_sliding_window): the decoder suffix runs "
+                                      "full causal attention only")
     blocks, layers = list(visual.blocks), list(text.layers)
     vit_start = next((i for i, b in enumerate(blocks) if _trains(b)), len(blocks))
     llm_start = next((i for i, l in enumerate(layers) if _trains(l)), len(layers))
-    aligner = [visual.merger, *visual.deepstack_merger_list]
-    before_blocks = [m for name, m in visual.named_children() if name not in ("blocks", "merger", "deepstack_merger_list")]
+    aligner = family.aligner(visual)
+    # the patch embedding and position embeddings: every child of the tower that is neither a block nor aligner
+    before_blocks = [m for m in visual.children()
+                     if m is not visual.blocks and not any(a is x for x in m.modules() for a in aligner)]
     if any(_trains(m) for m in before_blocks):
         return PrefixPlan("none", why="the patch embedding trains, so nothing in the vision tower is frozen")
     if any(_trains(m) for m in aligner):
         return PrefixPlan("none", why="the aligner trains (modules_to_save), so vision features change every step")
-    if vit_start == len(blocks) and not _trains(text.embed_tokens) and llm_start >= len(visual.deepstack_visual_indexes) \
+    if vit_start == len(blocks) and not _trains(text.embed_tokens) and llm_start >= len(family.taps(visual)) \
             and not _has_dropout(blocks + layers[:llm_start]):
         return PrefixPlan("llm", llm_start=llm_start,
                           why=f"vision tower and decoder layers 0-{llm_start - 1} frozen: their output is cached "
@@ -95,8 +105,9 @@ def plan_prefix(model, *, augmentation: str = "none", world_size: int = 1) -> Pr
         return PrefixPlan("none", why="the first vision block trains: no frozen prefix")
     if _has_dropout(blocks[:vit_start]):
         return PrefixPlan("none", why="dropout inside the frozen vision blocks makes their output random")
+    cached = "their output and deepstack taps are" if family.taps(visual) else "their output is"
     return PrefixPlan("vision", vit_start=vit_start,
-                      why=f"vision blocks 0-{vit_start - 1} frozen: their output and deepstack taps are cached per image")
+                      why=f"vision blocks 0-{vit_start - 1} frozen: {cached} cached per image")
 
 
 # ---------------------------------------------------------------- running parts of the model
@@ -124,7 +135,8 @@ def _run_until(module, run) -> torch.Tensor:
 
 
 def decoder_suffix(text, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask, start: int) -> torch.Tensor:
-    """Decoder layers start.. and the final norm, as Qwen3VLTextModel.forward runs them without a cache."""
+    """Decoder layers start.. and the final norm, as every Qwen-VL text model's forward runs them without a cache
+    (past the deepstack layers, which plan_prefix keeps in the cached prefix; full attention only)."""
     from transformers.masking_utils import create_causal_mask
 
     if position_ids.shape[0] == 4:  # packed rows: row 0 holds the per-sample text positions
@@ -138,24 +150,6 @@ def decoder_suffix(text, hidden: torch.Tensor, position_ids: torch.Tensor, atten
         hidden = layer(hidden, attention_mask=mask, position_ids=text_positions,
                        position_embeddings=position_embeddings)
     return text.norm(hidden)
-
-
-def vision_suffix(visual, hidden: torch.Tensor, grid_thw: torch.Tensor, start: int,
-                  taps: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Vision blocks start.., the deepstack taps among them and the merger, as Qwen3VLVisionModel.forward
-    runs them. `taps` are the deepstack features of the frozen blocks; returns (merged, all taps)."""
-    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
-
-    positions = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
-    cu_seqlens, max_seqlen = get_vision_attention_seqlens(grid_thw, visual.config)
-    position_embeddings = visual.rotary_pos_emb(hidden, positions)
-    taps = list(taps)
-    for i in range(start, len(visual.blocks)):
-        hidden = visual.blocks[i](hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                  position_embeddings=position_embeddings)
-        if i in visual.deepstack_visual_indexes:
-            taps.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(i)](hidden))
-    return visual.merger(hidden), taps
 
 
 def supervised_loss(lm_head, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
@@ -195,6 +189,7 @@ class FrozenPrefix:
         self.log = log
         core = core_model(model)
         self.lm_head, self.inner = core.lm_head, core.model
+        self.family = family_of_model(core) if plan.mode != "none" else None
 
     # ---- public
 
@@ -267,11 +262,9 @@ class FrozenPrefix:
         return [(hidden[i, :len(e.input_ids)], positions[:, i, :len(e.input_ids)])  # right padding: real tokens first
                 for i, e in enumerate(samples)]
 
-    # ---- vision: output of the frozen vision blocks and their deepstack taps, per image
+    # ---- vision: output of the frozen vision blocks and their taps (Qwen3-VL's deepstack), per image
 
     def _vision_outputs(self, inputs: dict, rows: list[list[Encoded]]):
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-
         visual = self.inner.visual
         samples = [e for row in rows for e in row if e.pixel_values is not None]
         found = self._lookup(samples, self._vision_prefix)
@@ -280,16 +273,15 @@ class FrozenPrefix:
         taps = [torch.cat([p[1][k] for p in parts]) for k in range(len(parts[0][1]))]
         grid = inputs["image_grid_thw"]
         if self.plan.vit_start < len(visual.blocks):
-            merged, taps = vision_suffix(visual, hidden, grid, self.plan.vit_start, taps)
+            merged, taps = self.family.vision_suffix(visual, hidden, grid, self.plan.vit_start, taps)
         else:
             merged = hidden  # the whole tower is frozen: the cache holds the merger's output
         split = (grid.prod(-1) // visual.spatial_merge_size ** 2).tolist()
-        return BaseModelOutputWithDeepstackFeatures(pooler_output=torch.split(merged, split),
-                                                    deepstack_features=[torch.split(t, split) for t in taps])
+        return self.family.image_outputs(torch.split(merged, split), [torch.split(t, split) for t in taps])
 
     @torch.no_grad()
     def _vision_prefix(self, samples: list[Encoded]) -> list[tuple]:
-        """Per sample: (its images' hidden states, [deepstack taps]) after the frozen blocks."""
+        """Per sample: (its images' hidden states, [taps]) after the frozen blocks."""
         visual = self.inner.visual
         device = self.lm_head.weight.device
         pixels = torch.cat([e.pixel_values for e in samples]).to(device, visual.dtype)
@@ -298,17 +290,19 @@ class FrozenPrefix:
         tokens = [int(e.image_grid_thw.prod(-1).sum()) // visual.spatial_merge_size ** 2 for e in samples]
         if start == len(visual.blocks):  # the whole tower: the merger's output per image token
             out = self.inner.get_image_features(pixels, grid, return_dict=True)
-            hidden, taps = torch.cat(out.pooler_output), [torch.cat(t) for t in out.deepstack_features]
+            hidden = torch.cat(out.pooler_output)
+            taps = [torch.cat(t) for t in getattr(out, "deepstack_features", None) or []]
             sizes = tokens
-        else:  # the input of block `start` per patch, and the deepstack taps before it per image token
+        else:  # the input of block `start` per patch, and the taps before it per image token
             taps = []
-            hooks = [visual.deepstack_merger_list[k].register_forward_hook(lambda _m, _a, out: taps.append(out))
-                     for k, i in enumerate(visual.deepstack_visual_indexes) if i < start]
+            hooks = [module.register_forward_hook(lambda _m, _a, out: taps.append(out))
+                     for i, module in self.family.taps(visual) if i < start]
             try:
                 hidden = _run_until(visual.blocks[start], lambda: visual(pixels, grid_thw=grid))
             finally:
                 for h in hooks:
                     h.remove()
+            # per image in order: Qwen2.5-VL's window order keeps each image's patches together
             sizes = [int(e.image_grid_thw.prod(-1).sum()) for e in samples]
         hs = torch.split(hidden, sizes)
         ts = [torch.split(t, tokens) for t in taps]

@@ -444,10 +444,10 @@ def load_column(column: Column, *, device: str | None = None):
     """(model, encoder) of a column: the run's start model (evaluate.start_model) plus the checkpoint's adapter."""
     import torch
     from peft import PeftModel
-    from transformers import AutoProcessor
 
     from .data import Encoder
     from .evaluate import start_model
+    from .families import folder_processor
 
     run = column.run
     trust = bool(run.config.get("trust_remote_code", False))
@@ -460,8 +460,9 @@ def load_column(column: Column, *, device: str | None = None):
                             continued=column.path is not None and run.adapter == "continued")
         if column.path is not None:
             model = PeftModel.from_pretrained(model, column.path)
-    processor = AutoProcessor.from_pretrained(run.model_path, trust_remote_code=trust)
-    return model.to(device).eval(), Encoder(processor, int(run.config.get("max_length", 2048)))
+    family, processor = folder_processor(run.model_path, run.model_path, trust)
+    # the run's max_length and image size (min_pixels, max_pixels): its captions see what training saw
+    return model.to(device).eval(), Encoder.for_run(processor, run.config, family)
 
 
 def _user() -> str:

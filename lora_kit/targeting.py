@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import TargetingError
+from .errors import LoraKitError, TargetingError
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,9 @@ def find_towers(model: nn.Module) -> Towers:
     if problems:
         raise TargetingError(
             f"unknown architecture {type(model).__name__}: could not find the " + " nor the ".join(problems)
-            + ". lora_kit supports VLMs with a decoder-layer list and a vision-block list "
-              "(Qwen3-VL, Qwen2.5-VL, Qwen2-VL, LLaVA, Idefics3/SmolVLM); use target_regex for others.")
+            + ". lora_kit plans targets for VLMs with a decoder-layer list and a vision-block list "
+              "(Qwen3-VL, Qwen2.5-VL, Qwen2-VL, LLaVA, Idefics3/SmolVLM) and trains Qwen3-VL, Qwen2.5-VL and "
+              "Qwen2-VL; use target_regex for others.")
 
     # Aligner: containers of Linear layers that belong to neither tower's blocks nor the decoder,
     # i.e. the vision tower's own heads (Qwen mergers) or top-level projectors (LLaVA, Idefics3).
@@ -344,10 +345,12 @@ def targets_report(model: str, llm_last: int, vit_last: int, *, rank: int = 16, 
     """What `python -m lora_kit targets` prints: a table, JSON, or ms-swift arguments."""
     from .toy import resolve_model
 
-    towers = find_towers(meta_model(resolve_model(model, weights=False), trust_remote_code))
+    meta = meta_model(resolve_model(model, weights=False), trust_remote_code)
+    towers = find_towers(meta)
     plan = plan_from_regex(towers, regex) if regex else plan_targets(towers, llm_last, vit_last)
+    trains = training_note(meta.config)
     if fmt == "json":
-        return json.dumps(plan_json(plan, towers, rank), indent=2)
+        return json.dumps(plan_json(plan, towers, rank) | {"training": trains}, indent=2)
     if fmt == "swift":
         args = swift_arguments(plan, towers, rank=rank, alpha=2 * rank)
         pairs = [f"{args[i]} {shlex.quote(args[i + 1])}" for i in range(0, len(args), 2)]
@@ -363,4 +366,16 @@ def targets_report(model: str, llm_last: int, vit_last: int, *, rank: int = 16, 
                  f"LoRA parameters at rank {rank}: {plan.lora_parameters(rank):,}")
     lines.append(f"aligner (frozen unless in modules_to_save): {', '.join(towers.aligner) or '-'}")
     lines.append(f"regex: {plan.regex or '(nothing targeted)'}")
+    lines.append(f"training: {trains}")
     return "\n".join(lines)
+
+
+def training_note(config) -> str:
+    """Whether lora_kit trains this model's family, in one line (targets are planned for more families)."""
+    from .families import TRAINED, family_of_config
+
+    try:
+        return f"lora_kit trains this {family_of_config(config, '').name} model"
+    except LoraKitError:
+        return (f"model_type {getattr(config, 'model_type', None)!r} is not trained by lora_kit (it trains {TRAINED}); "
+                "train these targets with ms-swift (--format swift)")

@@ -30,6 +30,7 @@ from .data import (AugmentedDataset, Encoded, Encoder, collate_padded, collate_r
                    read_jsonl, rope_index_fn)
 from .device import compute_device, compute_dtype
 from .errors import ConfigError, LoraKitError
+from .families import family_of_config, load_processor
 from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record, to_device
 from .metrics import METRICS, probe_metrics
 from .paths import REPO_ROOT, runs_dir
@@ -40,14 +41,19 @@ from .targeting import TargetPlan, Towers, find_towers, plan_from_regex, plan_ta
 
 # ---------------------------------------------------------------- the pieces
 
-def load_base(cfg: RunConfig):
-    """Processor and model through the generic Hugging Face path (toy or a real folder), CPU or GPU."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_base(cfg: RunConfig, processor=None):
+    """Processor and model through the generic Hugging Face path (toy or a real folder), CPU or GPU.
+
+    The model's family is known and its processor checked against config.json before any weight is read
+    (`processor`: one already loaded and checked that way)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from .toy import resolve_model
 
     path = resolve_model(cfg.model)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if processor is None:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        processor = load_processor(path, family_of_config(config, str(path)), config, cfg.trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=compute_dtype(),
                                                         trust_remote_code=cfg.trust_remote_code)
     # On the GPU before the step-0 evaluation (the Trainer would move it only later, at its creation)
@@ -326,17 +332,20 @@ class GuardrailCallback(TrainerCallback):
 # ---------------------------------------------------------------- the run
 
 def data_files(cfg: RunConfig) -> dict[str, Path]:
-    """The resolved *_file parameters: the toy world's files where a toy model leaves them unset."""
-    from .toy import toy_files
+    """The resolved *_file parameters: the toy world's files where a toy model (a toy name, or a folder built by
+    `toy build`) leaves them unset."""
+    from .config import is_toy_folder
+    from .toy import toy_build_and_stage, toy_files
 
     files = {k: getattr(cfg, k) for k in ("train_file", "val_file", "bench_file", "general_file",
                                           "spotcheck_file", "terms_file")}
     if any(v is None for v in files.values()):
-        if cfg.model not in ("toy", "toy-stage2"):
+        toy = toy_build_and_stage(cfg.model)
+        if toy is None and not is_toy_folder(cfg.model):
             missing = [k for k, v in files.items() if v is None]
             raise ConfigError(f"{', '.join(missing)} not set: a real model needs its data files; "
                               "set them in the variant file or with --set.")
-        defaults = toy_files()
+        defaults = toy_files(toy[0]) if toy else toy_files(world=Path(cfg.model).parent / "world")
         files = {k: Path(v) if v is not None else defaults[k] for k, v in files.items()}
     return {k: Path(v) for k, v in files.items()}
 
@@ -380,7 +389,12 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     # Plan on the meta device first: bad layer counts and regexes are refused before any weight is read
     # and before a run folder exists.
     # The plan holds only names and shapes, so the meta model's towers serve the loaded model too.
-    towers = find_towers(meta_model(resolve_model(cfg.model), cfg.trust_remote_code))
+    # A family the kit cannot train is refused here, naming what is missing, before any weight is read.
+    model_dir = resolve_model(cfg.model)
+    meta = meta_model(model_dir, cfg.trust_remote_code)
+    family = family_of_config(meta.config, str(model_dir))
+    processor = load_processor(model_dir, family, meta.config, cfg.trust_remote_code)
+    towers = find_towers(meta)
     plan = (plan_from_regex(towers, cfg.target_regex) if cfg.target_regex
             else plan_targets(towers, cfg.llm_last, cfg.vit_last))
     ranks = init_ranks(cfg.nproc)  # several under torchrun / accelerate launch: rank 0 owns the run folder
@@ -397,12 +411,12 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         train_samples, skipped_train = read_jsonl(files["train_file"], on_bad_sample=cfg.on_bad_sample)
         val_samples, skipped_val = read_jsonl(files["val_file"], on_bad_sample=cfg.on_bad_sample)
 
-        model_path, processor, model = load_base(cfg)
+        model_path, processor, model = load_base(cfg, processor)
         model, adapter_how = attach_lora(model, plan, towers, cfg)
         groups = optimizer_groups(model, towers, cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-        encoder = Encoder(processor, cfg.max_length)
+        encoder = Encoder.for_run(processor, cfg, family)
         t0 = time.time()
         # Encoding once also screens every sample (length, images) before training starts.
         train_data, train_samples, unencodable = encode_all(encoder, train_samples, on_bad_sample=cfg.on_bad_sample)
@@ -417,7 +431,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         params = {
             "config": cfg.to_dict(), "variant": cfg.variant_name, "code": code_version(),
             "processes": ranks.record(),
-            "packages": package_versions(), "model_path": str(model_path),
+            "packages": package_versions(), "model_path": str(model_path), "family": family.name,
+            "image_resolution": encoder.resolution,  # the bounds every encoding of this run used, resolved
             "data_files": {k: str(v) for k, v in files.items()},
             "skipped_samples": {"train": skipped_train, "val": skipped_val},
             "targets": {"llm_layers": plan.llm_layers, "vit_blocks": plan.vit_blocks, "modules": plan.modules,
@@ -513,9 +528,9 @@ def train(cfg: RunConfig, *, log=print) -> Path:
 
 # What the step-0 evaluation depends on besides the weights: equal in A0's run and this one, its record
 # is this run's step 0 (the weights are the same: LoRA's B starts at zero, modules_to_save start as copies).
-STEP0_SETTINGS = ("model", "trust_remote_code", "irrelevant_label", "max_length", "per_device_eval_batch_size",
-                  "max_new_tokens", "eval_max_samples", "exact_match_samples", "crop_jitter_k", "caption_chrf_min",
-                  "on_bad_sample")  # not seed: evaluation samples are drawn with evaluate.EVAL_SEED
+STEP0_SETTINGS = ("model", "trust_remote_code", "irrelevant_label", "max_length", "min_pixels", "max_pixels",
+                  "per_device_eval_batch_size", "max_new_tokens", "eval_max_samples", "exact_match_samples",
+                  "crop_jitter_k", "caption_chrf_min", "on_bad_sample")  # not seed: evaluate.EVAL_SEED draws the samples
 
 
 def shared_step0(cfg: RunConfig, run: RunFolder, mine: dict, a0_variant: str = "A0") -> dict | None:

@@ -38,3 +38,18 @@ def mini_world(tmp_path_factory) -> Path:
     build_world(WorldSpec(seed=3, n_pretrain=40, n_pretrain_val=10, n_task_train=24, n_task_val=8,
                           n_bench_per_kind=4, n_general_eval=6), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def family_ckpt(tmp_path_factory, toy_ckpt):
+    """family -> a randomly initialised toy checkpoint of that family (qwen3_vl: toy_ckpt), built on first use."""
+    from lora_kit.toy.model import ToySpec, build_toy_checkpoint
+
+    built = {"qwen3_vl": toy_ckpt}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_toy_checkpoint(tmp_path_factory.mktemp(family) / "ckpt", CORPUS,
+                                                 ToySpec(family=family))
+        return built[family]
+    return get

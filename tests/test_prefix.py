@@ -103,3 +103,63 @@ def test_a_full_cache_still_gives_the_right_loss(toy_ckpt, encoded):
     with torch.no_grad():
         assert float(prefix.loss(batch, rows)) == pytest.approx(float(model(**batch).loss), rel=1e-5)
     assert prefix.cache == {} and prefix.bytes > prefix.max_bytes
+
+
+# ---------------------------------------------------------------- every family the kit trains
+
+# Qwen2-VL and Qwen2.5-VL have no deepstack, so decoder LoRA on layers 2.. still leaves an llm prefix; Qwen2.5-VL's
+# toy attends within windows except in vision blocks 3, 7, 11, so a suffix from block 6 or 8 runs both kinds.
+OTHER_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+@pytest.mark.parametrize("llm_last, vit_last, mode, llm_start, vit_start", [
+    (2, 0, "llm", LAYERS - 2, None),
+    (6, 0, "llm", LAYERS - 6, None),             # no deepstack layers to keep in the prefix
+    (0, 6, "vision", None, BLOCKS - 6),
+    (2, 4, "vision", None, BLOCKS - 4),
+])
+@pytest.mark.parametrize("packing", [True, False])
+def test_each_family_fast_loss_and_gradients_equal_the_models_own(family_ckpt, mini_world, family, llm_last,
+                                                                   vit_last, mode, llm_start, vit_start, packing):
+    ckpt = family_ckpt(family)
+    model, processor = lora_model(ckpt, llm_last, vit_last)
+    assert model.get_base_model().config.model_type == family
+    samples, _ = read_jsonl(mini_world / "task_train.jsonl")
+    encoded = [Encoder(processor, 256).encode(s) for s in samples[:6]]
+    prefix = FrozenPrefix(model, plan_prefix(model))
+    assert (prefix.plan.mode, prefix.plan.llm_start, prefix.plan.vit_start) == (mode, llm_start, vit_start)
+    collate = Collator(processor, model, packing, 256, rows=True)
+    for batch_samples in (encoded[:4], encoded[2:6]):  # the second batch hits the cache twice
+        batch = collate(batch_samples)
+        rows = batch.pop("rows")
+        model.zero_grad()
+        plain = model(**batch).loss
+        plain.backward()
+        plain_grads = _grads(model)
+        model.zero_grad()
+        fast = prefix.loss(batch, rows)
+        fast.backward()
+        assert float(fast.detach()) == pytest.approx(float(plain.detach()), rel=1e-5, abs=1e-6)
+        for name, g in _grads(model).items():
+            torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+    assert prefix.hits == 2 and prefix.misses == 6
+
+
+def test_sliding_window_decoder_layers_turn_the_fast_path_off_with_the_reason(family_ckpt):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(family_ckpt("qwen2_5_vl"))
+    config.text_config.use_sliding_window, config.text_config.sliding_window = True, 64
+    config.text_config.max_window_layers = 0
+    config.text_config.layer_types = ["sliding_attention"] * config.text_config.num_hidden_layers
+    model = AutoModelForImageTextToText.from_config(config)
+    towers = find_towers(model)
+    cfg = RunConfig(model=str(family_ckpt("qwen2_5_vl")), profile="none", llm_last=2, lora_dropout=0.0)
+    model, _ = attach_lora(model, plan_targets(towers, 2, 0), towers, cfg)
+    plan = plan_prefix(model)
+    assert plan.mode == "none" and "sliding-window" in plan.why

@@ -10,8 +10,10 @@ The key hashes every setting and the code versions, so changing any of them buil
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from .pretrain import PretrainSpec
 from .world import WORLD_VERSION, WorldSpec, build_world
 
 TOY_VERSION = 1  # bump when model building, pretraining or the report change
-TOY_MODELS = {"toy": "stage3", "toy-stage2": "stage2"}
+STAGES = {"": "stage3", "-stage2": "stage2"}  # model name suffix -> the stage folder it loads
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,10 @@ class ToyBuild:
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
 
     def key(self) -> str:
-        blob = json.dumps({"toy_version": TOY_VERSION, "world_version": WORLD_VERSION, **asdict(self)},
-                          sort_keys=True)
+        settings = asdict(self)
+        if settings["model"]["family"] == ToySpec.family:  # the Qwen3-VL toy keeps the key it had before families
+            del settings["model"]["family"]
+        blob = json.dumps({"toy_version": TOY_VERSION, "world_version": WORLD_VERSION, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def root(self) -> Path:
@@ -43,6 +47,24 @@ class ToyBuild:
 
 
 DEFAULT = ToyBuild()
+
+
+def build_of_family(family: str) -> ToyBuild:
+    """The default toy built as `family` (a config.json model_type in TOY_FAMILIES): same world and sizes."""
+    return dataclasses.replace(DEFAULT, model=dataclasses.replace(DEFAULT.model, family=family))
+
+
+def toy_build_and_stage(model: str, build: ToyBuild = DEFAULT) -> tuple[ToyBuild, str] | None:
+    """(build, stage folder name) of a toy model name: toy[-stage2] is `build`, toy-<family>[-stage2] the default
+    toy built as that family; None for anything else (a folder)."""
+    from ..config import TOY_MODELS
+
+    if model not in TOY_MODELS:
+        return None
+    rest = model.removeprefix("toy")
+    stage = "-stage2" if rest.endswith("-stage2") else ""
+    family = rest.removesuffix(stage).removeprefix("-")
+    return (build_of_family(family) if family else build), STAGES[stage]
 
 
 def world_dir(build: ToyBuild = DEFAULT, *, create: bool = True) -> Path:
@@ -70,8 +92,10 @@ def resolve_model(model: str, *, weights: bool = True, build: ToyBuild = DEFAULT
     With weights=False (planning targets) the toy's structure is enough, so an unbuilt toy resolves to
     its randomly initialised checkpoint, which has the same modules, instead of pretraining it first.
     """
-    if model in TOY_MODELS:
-        stage = build.root() / TOY_MODELS[model]
+    toy = toy_build_and_stage(model, build)
+    if toy is not None:
+        build, stage_name = toy
+        stage = build.root() / stage_name
         if (stage / "config.json").exists():
             return stage
         if not weights:
@@ -108,6 +132,8 @@ def build_toy(*, build: ToyBuild = DEFAULT, progress: bool = True) -> dict:
         "stage3": base_report(root / "stage3", world),
         "stage2": base_report(root / "stage2", world),
     }
+    for stage in ("stage2", "stage3"):  # each stage folder says it is a toy (a model path then gets toy defaults)
+        shutil.copy(init / "toy_spec.json", root / stage / "toy_spec.json")
     report["build_seconds"] = time.time() - t0
     tmp = report_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
@@ -115,9 +141,9 @@ def build_toy(*, build: ToyBuild = DEFAULT, progress: bool = True) -> dict:
     return json.loads(report_path.read_text())  # as JSON, like every later (cached) call returns it
 
 
-def toy_files(build: ToyBuild = DEFAULT) -> dict[str, Path]:
-    """The toy world's data files, by the config parameter they fill."""
-    world = world_dir(build)
+def toy_files(build: ToyBuild = DEFAULT, world: Path | None = None) -> dict[str, Path]:
+    """The toy world's data files, by the config parameter they fill (`world`: a built world folder instead)."""
+    world = world_dir(build) if world is None else world
     return {"train_file": world / "task_train.jsonl", "val_file": world / "task_val.jsonl",
             "bench_file": world / "bench.jsonl", "general_file": world / "general_eval.jsonl",
             "spotcheck_file": world / "spotcheck.jsonl", "terms_file": world / "terms.json"}
