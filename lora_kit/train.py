@@ -106,11 +106,31 @@ def optimizer_groups(model, towers: Towers, cfg: RunConfig) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+def step_token_mean(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The Trainer's `compute_loss_func`: this micro-batch's summed next-token cross-entropy divided by the
+    supervised tokens of the whole optimizer step (`num_items_in_batch`, which the Trainer counts over every
+    accumulated micro-batch, and every process).
+
+    Summed over the step's micro-batches, this is the token-weighted mean over the step whatever the split
+    into batch x accumulation; the model's own loss is a per-micro-batch mean (Qwen3-VL sets
+    `accepts_loss_kwargs = False`), which the Trainer would average, weighting a 2-token answer like a
+    70-token one. Without a count (never in training) it is the micro-batch's mean.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+
+
 class StudyTrainer(Trainer):
-    """The Trainer with per-tower learning rates and, given a FrozenPrefix, the frozen-prefix fast path."""
+    """The Trainer with per-tower learning rates, a loss that is the token-weighted mean over each optimizer
+    step (`step_token_mean`) and, given a FrozenPrefix, the frozen-prefix fast path."""
 
     def __init__(self, *args, towers: Towers, run_cfg: RunConfig, prefix: FrozenPrefix | None = None, **kwargs):
         self.towers, self.run_cfg, self.prefix = towers, run_cfg, prefix
+        # With compute_loss_func the Trainer counts the step's supervised tokens (over labels[..., 1:], as the
+        # causal shift predicts them) and no longer divides each micro-batch's loss by the accumulation steps.
+        kwargs.setdefault("compute_loss_func", step_token_mean)
         super().__init__(*args, **kwargs)
 
     def floating_point_ops(self, inputs) -> int:
@@ -121,11 +141,16 @@ class StudyTrainer(Trainer):
         return 6 * inputs["input_ids"].numel() * self._n_params
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The model's own loss is a per-batch mean (Qwen3-VL takes no num_items_in_batch); so is the fast one.
+        # Both paths give the micro-batch's token sum over the step's supervised tokens (see step_token_mean).
         rows = inputs.pop("rows", None)
         if self.prefix is None or rows is None or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return self.prefix.loss(inputs, rows)
+        if num_items_in_batch is None:  # the Trainer counts whenever compute_loss_func is set
+            return self.prefix.loss(inputs, rows)
+        loss = self.prefix.loss(inputs, rows, reduction="sum") / num_items_in_batch
+        if self.args.average_tokens_across_devices:  # as Trainer.compute_loss: DDP averages the processes' gradients
+            loss = loss * self.accelerator.num_processes  # (1 here: plan_prefix turns the fast path off for several)
+        return loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
