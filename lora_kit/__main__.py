@@ -41,16 +41,20 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .config import load_config, parse_set
     from .evaluate import evaluate_checkpoint
-    from .guardrails import baseline_record
+    from .guardrails import comparable_a0, step0_record
     from .paths import runs_dir
-    from .train import data_files
+    from .setups import describe_setup
+    from .toy import resolve_model
+    from .train import code_version, data_files
 
     cfg = load_config(args.file, parse_set(args.set), overrides_source="--set")
-    try:  # caption sanity against A0's captions when the study has a baseline run
-        baseline, _ = baseline_record(runs_dir(cfg.output_dir) / "_evaluate", runs_dir(cfg.output_dir))
-        captions = baseline.get("captions")
-    except LoraKitError:
-        captions = None
+    # caption sanity against A0's captions only when A0 ran this evaluation's setup (model, files, settings)
+    root = runs_dir(cfg.output_dir)
+    mine = {"setup": describe_setup(cfg, resolve_model(args.base or cfg.model), data_files(cfg)), "code": code_version()}
+    a0, why = comparable_a0(root / "_evaluate", root, mine)
+    captions = (step0_record(a0 / "metrics.jsonl") or {}).get("captions") if a0 is not None else None
+    if captions is None:
+        print(f"caption sanity has no baseline captions: {why if a0 is None else 'A0 recorded none'}", file=sys.stderr)
     result = evaluate_checkpoint(args.checkpoint, cfg, base=args.base, files=data_files(cfg),
                                  baseline_captions=captions, out=args.out)
     m = result["metrics"]

@@ -243,6 +243,8 @@ def bench_eval_share(cfg: RunConfig) -> dict:
     from .train import train
 
     quiet = lambda *_: None  # noqa: E731
+    # Every step of the run is timed: a guardrail that fires (or that a random base cannot hold) does not stop it.
+    cfg = dataclasses.replace(cfg, early_stopping=False)
     with tempfile.TemporaryDirectory() as out:
         a0 = dataclasses.replace(cfg, output_dir=out, overwrite=True, llm_last=0, vit_last=0, target_regex=None,
                                  variant="A0")

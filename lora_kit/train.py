@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import subprocess
@@ -34,6 +33,7 @@ from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record, 
 from .paths import REPO_ROOT, runs_dir
 from .prefix import FrozenPrefix, plan_prefix
 from .rundir import RunFolder
+from .setups import describe_setup
 from .targeting import TargetPlan, Towers, find_towers, plan_from_regex, plan_targets, verify_wrapped, wrapped_modules
 
 
@@ -226,9 +226,12 @@ class GuardrailCallback(TrainerCallback):
                  ranks: Ranks = Ranks()):
         self.run, self.cfg, self.encoder, self.evalset, self.ranks = run, cfg, encoder, evalset, ranks
         self.history = run.read_metrics() if ranks.is_main else []
+        self.params: dict = {}  # this run's params.json, set by train(): an A0 baseline must share its setup
         self.baseline: dict | None = None
         self.baseline_source = None
-        self.trigger: guardrails.Trigger | None = None
+        self.trigger: guardrails.Trigger | None = None  # the first trigger holding at the latest evaluation
+        self.triggers: list[guardrails.Trigger] = []  # every trigger that held at any evaluation, in order
+        self.stopped_by: guardrails.Trigger | None = None  # the trigger that stopped training, if one did
         self.eval_seconds = 0.0
         self.eval_parts: dict[str, float] = {}  # seconds per part of the evaluations (losses, benchmark, ...)
         self.tb = None
@@ -272,10 +275,15 @@ class GuardrailCallback(TrainerCallback):
     def record(self, record: dict) -> None:
         self.run.append_metrics(record)
         self.history.append(record)
+        self.load_baseline()
+        self._tensorboard(record)
+
+    def load_baseline(self) -> dict:
+        """The guardrail baseline (a comparable A0's step 0, else this run's), read once the step 0 is recorded."""
         if self.baseline is None:
             self.baseline, self.baseline_source = guardrails.baseline_record(
-                self.run.path, self.run.path.parent, model=self.cfg.model)
-        self._tensorboard(record)
+                self.run.path, self.run.path.parent, params=self.params)
+        return self.baseline
 
     def _tensorboard(self, record: dict) -> None:
         if self.tb is None:
@@ -300,7 +308,9 @@ class GuardrailCallback(TrainerCallback):
         """Rank 0's part of an evaluation_and_check: keep the measured record, then the triggers."""
         self.record(self.keep(measured, step, epoch))
         if step:
-            self.trigger = guardrails.check_triggers(self.history, self.baseline, self.cfg, self.run.verdicts())
+            holding = guardrails.active_triggers(self.history, self.baseline, self.cfg, self.run.verdicts())
+            self.triggers += holding
+            self.trigger = holding[0] if holding else None
         return self.trigger
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -321,6 +331,7 @@ class GuardrailCallback(TrainerCallback):
     def _decide(self, measured: tuple[dict, list, list], step: int, epoch: float) -> tuple[bool, bool]:
         """(stop, save) from a measured evaluation, once it is kept and the triggers are checked."""
         if self.check(measured, step, epoch) and self.cfg.early_stopping:
+            self.stopped_by = self.trigger
             if not self.history[-1]["checkpoint"]:  # keep the checkpoint of the step that fired
                 self.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
                 self.run.rewrite_last_metrics(self.history[-1])
@@ -334,6 +345,8 @@ class GuardrailCallback(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             self.trigger = guardrails.Trigger("non_finite_loss", state.global_step, {"loss": loss},
                                               f"training loss became {loss} at step {state.global_step}")
+            self.triggers.append(self.trigger)
+            self.stopped_by = self.trigger  # diverged weights do not recover: stopped even without early_stopping
             control.should_training_stop = True
 
 
@@ -442,9 +455,11 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                                  for g in groups],
             "trainable_parameters": trainable,
             "augmentation": {"kind": cfg.augmentation, "strength": cfg.augment_strength},
+            "setup": describe_setup(cfg, model_path, files),  # what a comparable run (an A0 baseline) shares
         }
         ranks.on_rank0(run.write_params, params)
         callback = GuardrailCallback(run, cfg, encoder, evalset, ranks)
+        callback.params = params
         collator = Collator(processor, model, cfg.packing, cfg.max_length, rows=True)
         if trainable:  # before step 0, whose losses then fill the cache for every later evaluation
             callback.prefix = frozen_prefix(model, cfg, collator, train_data, world_size=ranks.world_size, log=log)
@@ -457,6 +472,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                     "data and settings, and LoRA starts at zero, so the model at step 0 is A0's")
             else:
                 ranks.on_rank0(callback.evaluate_and_check, model, 0, 0.0)
+        guardrail_problems = ranks.on_rank0(guardrails_can_act, callback, cfg, trainable, log)
         if trainable == 0:  # A0: evaluation only; its step-0 metrics are the study's baseline
             log(f"{cfg.variant_name}: nothing to train (llm_last=0, vit_last=0): evaluation-only baseline run")
         else:
@@ -489,12 +505,15 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         best = guardrails.choose_best(history, callback.baseline, cfg) if trainer is not None else {
             "checkpoint": None, "step": 0, "eval_loss": history[0]["eval_loss"],
             "reason": "evaluation-only run: the base itself is the baseline"}
-        trig = callback.trigger
+        # stopped early = a trigger ended training before its last step; a run that reached it is completed,
+        # whatever triggers it recorded on the way (early_stopping: false, or one firing at the last step)
+        trig = callback.stopped_by if trainer is not None and last < trainer.state.max_steps else None
         status = "stopped_early" if trig else "completed"
         summary = {
             "variant": cfg.variant_name, "status": status,
             "stop_reason": trig.name if trig else None, "stop_step": trig.step if trig else None,
             "stop_values": trig.values if trig else None, "stop_message": trig.message if trig else None,
+            "triggers": [t.as_dict() for t in callback.triggers], "guardrail_problems": guardrail_problems,
             "steps": history[-1]["step"], "baseline_source": callback.baseline_source,
             "baseline": {k: callback.baseline.get(k) for k in ("step", "eval_loss", "irrelevant_pass",
                                                                 "hallucination", "gap")},
@@ -510,6 +529,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         }
         run.finish(summary)
         log(f"{cfg.variant_name}: {status}" + (f" ({trig.name} at step {trig.step})" if trig else "")
+            + (f", {len(callback.triggers)} trigger(s) recorded without stopping" if callback.triggers and not trig
+               else "")
             + f", best checkpoint: {best.get('checkpoint')}, {time.time() - t_start:.0f}s")
         return run.path
     except BaseException as e:
@@ -520,37 +541,46 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         ranks.close()
 
 
-# What the step-0 evaluation depends on besides the weights: equal in A0's run and this one, its record
-# is this run's step 0 (the weights are the same: LoRA's B starts at zero, modules_to_save start as copies).
-STEP0_SETTINGS = ("model", "trust_remote_code", "irrelevant_label", "max_length", "per_device_eval_batch_size",
-                  "max_new_tokens", "eval_max_samples", "seed", "crop_jitter_k", "caption_chrf_min", "on_bad_sample")
-
-
 def shared_step0(cfg: RunConfig, run: RunFolder, mine: dict, a0_variant: str = "A0") -> dict | None:
     """A0's step-0 record (its samples copied here) when it is exactly this run's step 0, else None.
 
-    `mine` is this run's params.json. Saves one whole guardrail evaluation per variant. Not with
-    init_adapter (then step 0 differs from the base), nor when A0 ran other code, data or evaluation
-    settings, or has not completed.
+    `mine` is this run's params.json. Saves one whole guardrail evaluation per variant. Only from an A0 that
+    guardrails.comparable_a0 accepts (completed, nothing trained, the same setup and code), and not with
+    init_adapter (then step 0 differs from the base).
     """
-    a0 = run.path.parent / a0_variant
-    if not mine["trainable_parameters"] or cfg.init_adapter is not None or a0.resolve() == run.path.resolve():
+    if not mine["trainable_parameters"] or cfg.init_adapter is not None:
+        return None
+    a0, _ = guardrails.comparable_a0(run.path, run.path.parent, mine, a0_variant)
+    if a0 is None:
         return None
     try:
-        summary = json.loads((a0 / "summary.json").read_text(encoding="utf-8"))
-        theirs = json.loads((a0 / "params.json").read_text(encoding="utf-8"))
-        samples = json.loads((a0 / "samples" / "step-000000.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        samples = RunFolder(a0).read_samples(0)
+    except LoraKitError:
         return None
-    same = (summary.get("status") == "completed" and theirs.get("trainable_parameters") == 0
-            and theirs.get("code") == mine["code"] and theirs.get("data_files") == mine["data_files"]
-            and theirs.get("model_path") == mine["model_path"]
-            and all(theirs.get("config", {}).get(k) == mine["config"][k] for k in STEP0_SETTINGS))
-    record = guardrails.step0_record(a0 / "metrics.jsonl") if same else None
-    if record is None:
+    record = guardrails.step0_record(a0 / "metrics.jsonl")
+    if record is None or samples is None:
         return None
     run.write_samples(0, samples["benchmark"], samples["captions"])
     return {**record, "eval_seconds": 0.0, "copied_from": f"{a0_variant} ({a0})"}
+
+
+def guardrails_can_act(callback: GuardrailCallback, cfg: RunConfig, trainable: int, log=print) -> list[dict]:
+    """Before training: the guardrails that cannot work as meant from this run's baseline, said loudly
+    (guardrails.guardrails_that_cannot_act) and returned for summary.json.
+
+    One that cannot hold (the baseline already breaks it) is refused for a run that would train with
+    early_stopping: that run would stop at the guardrail's patience-th evaluation whatever it learned, and
+    its status would blame training for what the base already did; the fix is one parameter. An evaluation-only
+    run (A0, whose warning then concerns every variant) and early_stopping: false only warn.
+    """
+    problems = guardrails.guardrails_that_cannot_act(callback.load_baseline(), cfg)
+    for problem in problems:
+        log(f"WARNING {cfg.variant_name}: {problem['message']} (baseline: {callback.baseline_source})")
+    cannot_hold = [p["message"] for p in problems if p["problem"] == "cannot_hold"]
+    if cannot_hold and trainable and cfg.early_stopping:
+        raise ConfigError(" ".join(cannot_hold) + f" (baseline: {callback.baseline_source}). Or set "
+                          "early_stopping: false to train anyway and record the triggers without stopping.")
+    return problems
 
 
 def final_evaluation(callback: GuardrailCallback, model, step: int, epoch: float) -> None:
