@@ -50,7 +50,8 @@ def cmd_evaluate(args) -> int:
     cfg = load_config(args.file, parse_set(args.set), overrides_source="--set")
     # caption sanity against A0's captions only when A0 ran this evaluation's setup (model, files, settings)
     root = runs_dir(cfg.output_dir)
-    mine = {"setup": describe_setup(cfg, resolve_model(args.base or cfg.model), data_files(cfg)), "code": code_version()}
+    setup = describe_setup(cfg, resolve_model(args.base or cfg.model), data_files(cfg))
+    mine = {"setup": setup, "code": code_version()}
     a0, why = comparable_a0(root / "_evaluate", root, mine)
     captions = (step0_record(a0 / "metrics.jsonl") or {}).get("captions") if a0 is not None else None
     if captions is None:
@@ -110,7 +111,7 @@ def cmd_matrix(args) -> int:
 def cmd_summary(args) -> int:
     from .frontier import write_summary
 
-    for name, path in write_summary(args.runs_root, args.out_dir).items():
+    for name, path in write_summary(args.runs_root, args.out_dir, args.setup).items():
         print(f"{name}: {path}")
     return 0
 
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="the study table, Pareto frontiers, heatmaps and verdicts (summary.ipynb)")
     p.add_argument("--runs-root", default=None)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--setup", default=None, help="the setup id (or its prefix) to compare, from study.csv's setup "
+                                                 "column (default: the one with the most finished runs)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("bench", help="lora_kit against the plain peft + Trainer recipe, side by side (make bench)")
