@@ -40,22 +40,13 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .config import load_config, parse_set
-    from .evaluate import evaluate_checkpoint
-    from .guardrails import comparable_a0, step0_record
-    from .paths import runs_dir
-    from .setups import describe_setup
-    from .toy import resolve_model
-    from .train import code_version, data_files
+    from .evaluate import evaluate_checkpoint, study_baseline_captions
+    from .train import data_files
 
     cfg = load_config(args.file, parse_set(args.set), overrides_source="--set")
-    # caption sanity against A0's captions only when A0 ran this evaluation's setup (model, files, settings)
-    root = runs_dir(cfg.output_dir)
-    setup = describe_setup(cfg, resolve_model(args.base or cfg.model), data_files(cfg))
-    mine = {"setup": setup, "code": code_version()}
-    a0, why = comparable_a0(root / "_evaluate", root, mine)
-    captions = (step0_record(a0 / "metrics.jsonl") or {}).get("captions") if a0 is not None else None
+    captions, why = study_baseline_captions(cfg, args.base)
     if captions is None:
-        print(f"caption sanity has no baseline captions: {why if a0 is None else 'A0 recorded none'}", file=sys.stderr)
+        print(f"caption sanity has no baseline captions: {why}", file=sys.stderr)
     result = evaluate_checkpoint(args.checkpoint, cfg, base=args.base, files=data_files(cfg),
                                  baseline_captions=captions, out=args.out)
     m = result["metrics"]

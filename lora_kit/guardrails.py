@@ -172,6 +172,15 @@ def active_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any,
     return [t for t in found if t is not None]
 
 
+def recorded_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any,
+                      verdicts: Sequence[Mapping] | None = None) -> list[Trigger]:
+    """Every trigger that held at each evaluation after step 0, in step order: what active_triggers said at
+    each one, computed again from the records (a run with early_stopping false, or resumed, lists them all)."""
+    evals = _evaluations(apply_verdicts(history, verdicts) if verdicts is not None else history)
+    return [t for i, record in enumerate(evals) if record["step"] > 0
+            for t in active_triggers(evals[:i + 1], baseline, cfg)]
+
+
 def _non_finite_loss(latest: Mapping, baseline: Mapping) -> Trigger | None:
     loss = latest.get("eval_loss")
     if latest["step"] <= 0 or isinstance(loss, bool) or not isinstance(loss, float) or math.isfinite(loss):

@@ -230,7 +230,7 @@ class GuardrailCallback(TrainerCallback):
         self.baseline: dict | None = None
         self.baseline_source = None
         self.trigger: guardrails.Trigger | None = None  # the first trigger holding at the latest evaluation
-        self.triggers: list[guardrails.Trigger] = []  # every trigger that held at any evaluation, in order
+        self.loss_trigger: guardrails.Trigger | None = None  # the training loss turned non-finite (on_log)
         self.stopped_by: guardrails.Trigger | None = None  # the trigger that stopped training, if one did
         self.eval_seconds = 0.0
         self.eval_parts: dict[str, float] = {}  # seconds per part of the evaluations (losses, benchmark, ...)
@@ -308,9 +308,7 @@ class GuardrailCallback(TrainerCallback):
         """Rank 0's part of an evaluation_and_check: keep the measured record, then the triggers."""
         self.record(self.keep(measured, step, epoch))
         if step:
-            holding = guardrails.active_triggers(self.history, self.baseline, self.cfg, self.run.verdicts())
-            self.triggers += holding
-            self.trigger = holding[0] if holding else None
+            self.trigger = guardrails.check_triggers(self.history, self.baseline, self.cfg, self.run.verdicts())
         return self.trigger
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -345,8 +343,8 @@ class GuardrailCallback(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             self.trigger = guardrails.Trigger("non_finite_loss", state.global_step, {"loss": loss},
                                               f"training loss became {loss} at step {state.global_step}")
-            self.triggers.append(self.trigger)
-            self.stopped_by = self.trigger  # diverged weights do not recover: stopped even without early_stopping
+            self.loss_trigger = self.stopped_by = self.trigger  # diverged weights do not recover: stopped even
+            # without early_stopping
             control.should_training_stop = True
 
 
@@ -509,11 +507,14 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         # whatever triggers it recorded on the way (early_stopping: false, or one firing at the last step)
         trig = callback.stopped_by if trainer is not None and last < trainer.state.max_steps else None
         status = "stopped_early" if trig else "completed"
+        # from the records, so that a resumed run lists the triggers of its evaluations before the interruption too
+        triggers = guardrails.recorded_triggers(history, callback.baseline, cfg, run.verdicts())
+        triggers += [callback.loss_trigger] if callback.loss_trigger else []
         summary = {
             "variant": cfg.variant_name, "status": status,
             "stop_reason": trig.name if trig else None, "stop_step": trig.step if trig else None,
             "stop_values": trig.values if trig else None, "stop_message": trig.message if trig else None,
-            "triggers": [t.as_dict() for t in callback.triggers], "guardrail_problems": guardrail_problems,
+            "triggers": [t.as_dict() for t in triggers], "guardrail_problems": guardrail_problems,
             "steps": history[-1]["step"], "baseline_source": callback.baseline_source,
             "baseline": {k: callback.baseline.get(k) for k in ("step", "eval_loss", "irrelevant_pass",
                                                                 "hallucination", "gap")},
@@ -529,8 +530,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         }
         run.finish(summary)
         log(f"{cfg.variant_name}: {status}" + (f" ({trig.name} at step {trig.step})" if trig else "")
-            + (f", {len(callback.triggers)} trigger(s) recorded without stopping" if callback.triggers and not trig
-               else "")
+            + (f", {len(triggers)} trigger(s) recorded without stopping" if triggers and not trig else "")
             + f", best checkpoint: {best.get('checkpoint')}, {time.time() - t_start:.0f}s")
         return run.path
     except BaseException as e:

@@ -17,7 +17,7 @@ from lora_kit.config import RunConfig
 from lora_kit.errors import DataError, LoraKitError
 from lora_kit.guardrails import (
     Trigger, active_triggers, append_metrics, baseline_record, caption_sanity, check_triggers,
-    choose_best, read_metrics,
+    choose_best, guardrails_that_cannot_act, read_metrics, recorded_triggers,
 )
 from lora_kit.setups import DATA_FILES, describe_setup
 
@@ -324,6 +324,40 @@ def test_choose_best_without_a_baseline_rate_skips_that_constraint():
     assert best["step"] == 25 and "irrelevant pass not constrained" in best["reason"]
 
 
+# ---- guardrails that cannot act, triggers over a run (issue 17 case 10) ---------------------------
+
+
+def test_a_baseline_under_irrelevant_min_cannot_hold_and_says_the_fix():
+    base = rec(0, irr=0.0)  # 0/32: the user's benchmark, answered with another label by the base
+    [problem] = guardrails_that_cannot_act(base, CFG)
+    assert problem["guardrail"] == "irrelevant_drop" and problem["problem"] == "cannot_hold"
+    assert "0/32" in problem["message"] and "irrelevant_min = 0.8" in problem["message"]
+    assert "fires at evaluation 2" in problem["message"] and "irrelevant_label" in problem["message"]
+    # what it predicts: every later evaluation is bad, so the trigger holds at the second whatever is learned
+    assert names([base, rec(25, irr=0.7), rec(50, irr=0.75)], base) == ["irrelevant_drop"]
+    # at the bound it holds (0.8 is not below 0.8), and a lower minimum leaves only the relative drop
+    assert guardrails_that_cannot_act(rec(0, irr=0.8), CFG) == []
+    assert guardrails_that_cannot_act(base, dataclasses.replace(CFG, irrelevant_min=0.0)) == []
+
+
+def test_guardrails_that_can_never_fire_are_named():
+    no_rows = {"step": 0, "irrelevant_pass": r(None), "hallucination": r(None)}
+    assert [(p["guardrail"], p["problem"]) for p in guardrails_that_cannot_act(no_rows, CFG)] == [
+        ("irrelevant_drop", "cannot_fire"), ("hallucination_rise", "cannot_fire")]
+    # 0.85 + 0.15 = 1.0: no rate can be above it
+    [problem] = guardrails_that_cannot_act(rec(0, irr=0.9, hal=0.85), CFG)
+    assert problem["guardrail"] == "hallucination_rise" and "100%" in problem["message"]
+    assert guardrails_that_cannot_act(rec(0, irr=0.9, hal=0.84), CFG) == []
+
+
+def test_recorded_triggers_lists_every_evaluation_where_one_held():
+    # bad at 25, 50 and 75 (< 0.72), good at 100, bad at 125: patience 2 holds at 50 and 75 only
+    history = [BASE, rec(25, irr=0.5), rec(50, irr=0.5), rec(75, irr=0.6), rec(100, irr=0.9), rec(125, irr=0.5)]
+    found = recorded_triggers(history, BASE, CFG)
+    assert [(t.name, t.step) for t in found] == [("irrelevant_drop", 50), ("irrelevant_drop", 75)]
+    assert recorded_triggers([BASE], BASE, CFG) == []
+
+
 # ---- baseline_record -----------------------------------------------------------------------------
 
 
@@ -419,6 +453,24 @@ def test_an_a0_of_another_setup_is_not_the_baseline(tmp_path, study_files, chang
     record, source = baseline_record(run, tmp_path, params=mine)
     assert record["irrelevant_pass"]["rate"] == 0.0 and record["eval_loss"] == 13.4  # its own step 0
     assert source.startswith("own step 0 (A0 ") and expected in source, source
+
+
+def test_evaluate_takes_baseline_captions_only_from_an_a0_of_its_setup(tmp_path, study_files):
+    """`python -m lora_kit evaluate` compared a checkpoint's captions with any completed A0's."""
+    from lora_kit.evaluate import study_baseline_captions
+    from lora_kit.train import code_version
+
+    model, files = study_files
+    cfg = RunConfig(model=str(model), profile="none", output_dir=str(tmp_path / "runs"),
+                    **{k: str(v) for k, v in files.items()})
+    make_run(tmp_path / "runs" / "A0", "completed", [{**rec(0), "captions": ["一个红色的圆形"]}],
+             params_of(model, files, code=code_version()))
+    captions, why = study_baseline_captions(cfg)
+    assert captions == ["一个红色的圆形"] and why.startswith("A0 (")
+    own_bench = tmp_path / "receipts.jsonl"
+    own_bench.write_text('{"receipt": 2}\n', encoding="utf-8")
+    captions, why = study_baseline_captions(dataclasses.replace(cfg, bench_file=str(own_bench)))
+    assert captions is None and "bench_file: " in why and "receipts.jsonl" in why
 
 
 def test_no_baseline_is_a_clear_error(tmp_path, study_files):
