@@ -165,7 +165,8 @@ class RunConfig:
     """Trigger when the irrelevant-image pass rate falls more than this fraction below baseline
     (relative: 0.2 = a 20% drop) ..."""
     irrelevant_min: float = 0.8
-    """... or below this absolute pass rate ..."""
+    """... or below this absolute pass rate (a baseline already below it makes every evaluation a drop:
+    a run that would train with early_stopping is refused at step 0) ..."""
     irrelevant_patience: int = 2
     """... for this many consecutive evaluations."""
     hallucination_rise_max: float = 0.15
@@ -190,7 +191,8 @@ class RunConfig:
     best_hallucination_margin: float = 0.1
     """... and hallucination <= baseline + this; then the lowest eval loss wins."""
     early_stopping: bool = True
-    """Stop the run when a guardrail triggers (false: record the trigger and keep training)."""
+    """Stop the run when a guardrail triggers; false: record the triggers and train to the last step
+    (status completed)."""
 
     # ---- output and runtime ----
     output_dir: str | None = None
