@@ -343,8 +343,8 @@ class GuardrailCallback(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             self.trigger = guardrails.Trigger("non_finite_loss", state.global_step, {"loss": loss},
                                               f"training loss became {loss} at step {state.global_step}")
-            self.loss_trigger = self.stopped_by = self.trigger  # diverged weights do not recover: stopped even
-            # without early_stopping
+            # diverged weights do not recover: stopped even without early_stopping
+            self.loss_trigger = self.stopped_by = self.trigger
             control.should_training_stop = True
 
 
