@@ -47,19 +47,15 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .config import load_config, parse_set
-    from .evaluate import evaluate_checkpoint
-    from .guardrails import baseline_record
+    from .evaluate import evaluate_checkpoint, study_baseline_captions
     from .metrics import columns, is_rate, probe_metrics
     from .views import flatten_record
-    from .paths import runs_dir
     from .train import data_files
 
     cfg = load_config(args.file, parse_set(args.set), overrides_source="--set")
-    try:  # caption sanity against A0's captions when the study has a baseline run
-        baseline, _ = baseline_record(runs_dir(cfg.output_dir) / "_evaluate", runs_dir(cfg.output_dir))
-        captions = baseline.get("captions")
-    except LoraKitError:
-        captions = None
+    captions, why = study_baseline_captions(cfg, args.base)
+    if captions is None:
+        print(f"caption sanity has no baseline captions: {why}", file=sys.stderr)
     result = evaluate_checkpoint(args.checkpoint, cfg, base=args.base, files=data_files(cfg),
                                  baseline_captions=captions, out=args.out)
     flat = flatten_record(result["metrics"])
@@ -116,7 +112,7 @@ def cmd_matrix(args) -> int:
 def cmd_summary(args) -> int:
     from .frontier import write_summary
 
-    for name, path in write_summary(args.runs_root, args.out_dir).items():
+    for name, path in write_summary(args.runs_root, args.out_dir, args.setup).items():
         print(f"{name}: {path}")
     return 0
 
@@ -211,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="the study table, Pareto frontiers, heatmaps and verdicts (summary.ipynb)")
     p.add_argument("--runs-root", default=None)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--setup", default=None, help="the setup id (or its prefix) to compare, from study.csv's setup "
+                                                 "column (default: the one with the most finished runs)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("bench", help="lora_kit against the plain peft + Trainer recipe, side by side (make bench)")

@@ -144,7 +144,7 @@ def run_arm(arm: str, cfg: RunConfig, model_path: Path, processor, train_data, v
     """Train one arm from the same start; time only the training loop."""
     from transformers import PrinterCallback, Trainer
 
-    from .train import Collator, StudyTrainer, frozen_prefix, optimizer_groups
+    from .train import Collator, StudyTrainer, frozen_prefix, optimizer_groups, step_token_mean
 
     model, towers = load_lora_model(model_path, cfg, plain=arm == "reference")
     pad, image = processor.tokenizer.pad_token_id, processor.image_token_id
@@ -157,8 +157,10 @@ def run_arm(arm: str, cfg: RunConfig, model_path: Path, processor, train_data, v
             groups = [{k: v for k, v in g.items() if k not in ("names", "tower")}
                       for g in optimizer_groups(model, towers, cfg)]
             optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate)
+            # the kit's loss (the token-weighted mean over each optimizer step), so that with accumulation both
+            # arms train the same objective and their eval losses compare
             trainer = Trainer(model=model, args=_args(cfg, Path(out)), train_dataset=train_data,
-                              data_collator=collate, optimizers=(optimizer, None))
+                              data_collator=collate, optimizers=(optimizer, None), compute_loss_func=step_token_mean)
             prefix = None
         else:  # what train() builds, the fast path's check included in the timing
             collate = CountingCollator(Collator(processor, model, cfg.packing, cfg.max_length, rows=True))
@@ -244,6 +246,8 @@ def bench_eval_share(cfg: RunConfig) -> dict:
     from .train import train
 
     quiet = lambda *_: None  # noqa: E731
+    # Every step of the run is timed: a guardrail that fires (or that a random base cannot hold) does not stop it.
+    cfg = dataclasses.replace(cfg, early_stopping=False)
     with tempfile.TemporaryDirectory() as out:
         a0 = dataclasses.replace(cfg, output_dir=out, overwrite=True, llm_last=0, vit_last=0, target_regex=None,
                                  variant="A0")

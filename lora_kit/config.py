@@ -185,7 +185,8 @@ class RunConfig:
     """Trigger when the irrelevant-image pass rate falls more than this fraction below baseline
     (relative: 0.2 = a 20% drop) ..."""
     irrelevant_min: float = 0.8
-    """... or below this absolute pass rate ..."""
+    """... or below this absolute pass rate (a baseline already below it makes every evaluation a drop:
+    a run that would train with early_stopping is refused at step 0) ..."""
     irrelevant_patience: int = 2
     """... for this many consecutive evaluations."""
     hallucination_rise_max: float = 0.15
@@ -213,7 +214,8 @@ class RunConfig:
     """Benchmark probe groups (the rows' `probe` field, e.g. general, task) whose rates the triggers and
     the best-checkpoint constraint watch, each against its own baseline; [] = every group."""
     early_stopping: bool = True
-    """Stop the run when a guardrail triggers (false: record the trigger and keep training)."""
+    """Stop the run when a guardrail triggers; false: record the triggers and train to the last step
+    (status completed)."""
     plateau_patience: int = 0
     """End training (status completed) once the eval loss has not improved on its best by more than
     plateau_threshold for this many evaluations: the task is fitted as far as the run goes

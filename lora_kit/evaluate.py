@@ -434,6 +434,26 @@ def image_bounds_for(cfg, checkpoint: str | Path) -> dict:
     return theirs
 
 
+def study_baseline_captions(cfg, base: str | None = None) -> tuple[list[str] | None, str]:
+    """(A0's step-0 captions, why) for caption sanity of a checkpoint evaluated with `cfg` (and `base`), or
+    (None, why not): only from an A0 of the same setup and code (guardrails.comparable_a0), never one that
+    ran on other data or settings."""
+    from .guardrails import comparable_a0, step0_record
+    from .paths import runs_dir
+    from .setups import describe_setup
+    from .toy import resolve_model
+    from .train import code_version, data_files
+
+    root = runs_dir(cfg.output_dir)
+    # weights=False: an unbuilt toy is not built for this (no A0 can have run on it then)
+    setup = describe_setup(cfg, resolve_model(base or cfg.model, weights=False), data_files(cfg))
+    a0, why = comparable_a0(root / "_evaluate", root, {"setup": setup, "code": code_version()})
+    if a0 is None:
+        return None, why
+    captions = (step0_record(a0 / "metrics.jsonl") or {}).get("captions")
+    return captions, (f"A0 ({a0}): {why}" if captions is not None else f"A0 at {a0} recorded no step-0 captions")
+
+
 def evaluate_checkpoint(checkpoint: str | Path, cfg, *, base: str | None = None, files: dict | None = None,
                         baseline_captions: list[str] | None = None, out: str | Path | None = None) -> dict:
     """`python -m lora_kit evaluate`: every guardrail metric of any checkpoint, written as JSON."""

@@ -1,8 +1,10 @@
 """The study's answer: every run folder in one table, the Pareto frontier, plots and hypothesis verdicts.
 
     df = collect_runs("outputs/runs")
-    front = pareto_front(df, {"best_eval_loss": "min", "irrelevant_pass": "max"})
-    write_summary()  # outputs/summary/: study.csv, frontier_*.png, heatmaps.png, curves.png, verdicts.json
+    study, left_out = one_setup(df)  # frontiers and verdicts compare runs of one setup (setups.py)
+    front = pareto_front(study, {"best_eval_loss": "min", "irrelevant_pass": "max"})
+    write_summary()  # outputs/summary/: study.csv, left_out.csv, frontier_*.png, heatmaps.png, curves.png,
+                     # verdicts.json
 
 Pure pandas / matplotlib / seaborn on the files train.py writes into each run folder (rundir.py).
 A run's guardrail metrics are those of its best checkpoint; a run without a feasible checkpoint
@@ -23,6 +25,7 @@ from .guardrails import apply_verdicts
 from .metrics import BY_NAME, GENERALITY, column, columns, direction, is_rate, metric_of, split_column, title
 from .paths import outputs_dir, runs_dir
 from .rundir import RunFolder, read_jsonl_records
+from .setups import setup_differences, setup_id, setup_label, setup_of
 from .views import flatten_record, in_notebook, metrics_frame
 
 FINISHED = ("completed", "stopped_early")
@@ -32,10 +35,10 @@ RUN_COLUMNS = [
     "variant", "llm_last", "vit_last", "model", "lora_rank", "learning_rate", "vit_lr", "seed", "status", "stop_reason",
     "stop_probe", "stop_step", "n_llm_modules", "n_vit_modules", "trainable_parameters", "best_step",
     "best_checkpoint", "best_eval_loss", "feasible", "guardrail_probes", "first_moved", "wall_seconds",
-    "eval_share", "steps", "run_dir"]
+    "eval_share", "steps", "run_dir", "setup", "setup_label"]
 _NOT_METRICS = ("step", "epoch", "eval_loss", "checkpoint", "eval_seconds")  # in the record, not guardrails
 _TEXT_COLUMNS = ("variant", "model", "status", "stop_reason", "stop_probe", "best_checkpoint", "feasible",
-                 "guardrail_probes", "first_moved", "run_dir", "caption_disagree_steps")
+                 "guardrail_probes", "first_moved", "run_dir", "caption_disagree_steps", "setup", "setup_label")
 
 
 def study_probes(df: pd.DataFrame) -> list[str]:
@@ -92,7 +95,8 @@ def collect_runs(runs_root) -> pd.DataFrame:
 def _run_row(folder: Path) -> dict:
     run = RunFolder(folder)
     summary = _read_json(folder / "summary.json")
-    params = _read_json(folder / "params.json") or {}
+    params = run.params() or {}
+    setup = setup_of(params)
     cfg = params.get("config") or {}
     status = run.status()
     best = summary.get("best") or {}
@@ -124,11 +128,84 @@ def _run_row(folder: Path) -> dict:
         "best_eval_loss": loss, "feasible": feasible,
         "wall_seconds": timings.get("wall_seconds"), "eval_share": timings.get("eval_share"),
         "steps": summary.get("steps"), "run_dir": str(folder),
+        "setup": setup_id(setup), "setup_label": setup_label(setup),
         "caption_disagree_steps": ", ".join(str(r["step"]) for r in records
                                             if isinstance(r.get("caption"), dict) and r["caption"].get("disagree")),
     }
     metrics = {k: v for k, v in flatten_record(record).items() if k not in _NOT_METRICS}
     return row | metrics
+
+
+def one_setup(df: pd.DataFrame, setup: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the runs of one setup, the runs left out of its frontiers and verdicts, with why).
+
+    Runs compare only within one setup (setups.py: model, data files, benchmark, evaluation settings,
+    profile); a run on other data would otherwise sit on the same frontier and sway the verdicts. `setup`:
+    an id of the table's `setup` column or its unique prefix; None = the setup with the most finished runs
+    (on a tie, the one holding a finished A0). Left out, with a `why` each: every run of another setup (what
+    differs from the chosen one) and the chosen setup's unfinished runs.
+    """
+    columns = ["variant", "setup", "setup_label", "status", "why"]
+    if df.empty or "setup" not in df:
+        return df, pd.DataFrame(columns=columns)
+    chosen = _choose_setup(df, setup)
+    study = df[df["setup"] == chosen]
+    reference = _setup_of_run(study.iloc[0])
+    rows = []
+    for _, r in df.iterrows():
+        if r["setup"] != chosen:
+            why = (f"another setup ({r['setup']}, {r['setup_label']}); the study's vs this run's: "
+                   + "; ".join(setup_differences(reference, _setup_of_run(r))))
+        elif r["status"] not in FINISHED:
+            why = f"status {r['status']}: not finished, so no best checkpoint to compare"
+        else:
+            continue
+        rows.append({"variant": r["variant"], "setup": r["setup"], "setup_label": r["setup_label"],
+                     "status": r["status"], "why": why})
+    return study, pd.DataFrame(rows, columns=columns)
+
+
+def _choose_setup(df: pd.DataFrame, setup: str | None) -> str:
+    setups = sorted(df["setup"].unique())
+    if setup is not None:
+        matches = [s for s in setups if s.startswith(str(setup))]
+        if len(matches) != 1:
+            raise LoraKitError(f"setup = {setup!r} matches {len(matches)} of the runs' setups; expected one of: "
+                               + "; ".join(f"{s} ({_label_of(df, s)}, {int((df['setup'] == s).sum())} runs)"
+                                           for s in setups))
+        return matches[0]
+    finished = df[df["status"].isin(FINISHED)]
+    counts = (finished if len(finished) else df)["setup"].value_counts()
+    top = sorted(counts[counts == counts.max()].index)
+    with_a0 = [s for s in top if ((finished["variant"] == "A0") & (finished["setup"] == s)).any()]
+    return (with_a0 or top)[0]
+
+
+def _label_of(df: pd.DataFrame, setup: str) -> str:
+    return str(df.loc[df["setup"] == setup, "setup_label"].iloc[0])
+
+
+def _setup_of_run(row) -> dict:
+    return setup_of(RunFolder(Path(row["run_dir"])).params() or {})
+
+
+def setup_note(study: pd.DataFrame, left_out: pd.DataFrame) -> str:
+    """One paragraph for the notebook and the CLI: which setup the summary compares, and what it left out."""
+    if study.empty or "setup" not in study:
+        return "no runs"
+    head = (f"setup {study['setup'].iloc[0]} ({study['setup_label'].iloc[0]}): {len(study)} run(s), "
+            f"{int(study['status'].isin(FINISHED).sum())} finished")
+    if left_out.empty:
+        return head + "; no run left out."
+    return head + f"; left out {len(left_out)}:\n" + "\n".join(f"  {r.variant}: {r.why}" for r in left_out.itertuples())
+
+
+def _require_one_setup(df: pd.DataFrame, what: str) -> None:
+    """Refuse a table mixing setups where runs are compared (frontiers, heatmaps, verdicts)."""
+    if "setup" in df and df["setup"].nunique() > 1:
+        raise LoraKitError(f"{what}: the table holds runs of {df['setup'].nunique()} setups "
+                           f"({', '.join(sorted(df['setup'].unique()))}), and runs compare only within one. Fix: "
+                           "pass frontier.one_setup(df)[0] (or one_setup(df, '<setup id>')[0])")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -234,6 +311,7 @@ def plot_frontier(df: pd.DataFrame, x: str = "best_eval_loss", y: str = "irrelev
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    _require_one_setup(df, "plot_frontier")
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 5))
     data = df[df["status"].isin(FINISHED)].copy()
@@ -292,6 +370,7 @@ def plot_heatmaps(df: pd.DataFrame, metrics=None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    _require_one_setup(df, "plot_heatmaps")
     if metrics is None:
         metrics = ["best_eval_loss"] + columns("heatmap", study_probes(df))
     data = _reference_runs(df).drop_duplicates(["llm_last", "vit_last"])
@@ -497,6 +576,7 @@ def hypothesis_verdicts(df: pd.DataFrame, curves: dict | None = None, *, loss_to
     When variants were run under several seeds, the verdicts read seed_table(df): each variant's mean over
     its seeds, and two means differ only when their 95% intervals across seeds do not overlap.
     """
+    _require_one_setup(df, "hypothesis_verdicts")
     done = df[df["status"].isin(FINISHED)]
     if done.get("seed") is not None and (done.groupby(done["variant"].map(replicate_of)).size() > 1).any():
         done = seed_table(done)
@@ -699,8 +779,10 @@ def _h4(done: pd.DataFrame, curves: dict, tol: float) -> dict:
 
 # ---------------------------------------------------------------- everything at once
 
-def write_summary(runs_root=None, out_dir=None) -> dict[str, Path]:
-    """The table (study.csv), the figures (PNG) and verdicts.json under out_dir (default outputs/summary)."""
+def write_summary(runs_root=None, out_dir=None, setup: str | None = None, *, log=print) -> dict[str, Path]:
+    """The table of every run (study.csv, with its setup), the runs left out of the comparison and why
+    (left_out.csv), the figures (PNG) and verdicts.json of one setup (see one_setup) under out_dir (default
+    outputs/summary). The restart figure pairs a variant with its stage-2 restart, whose model differs by design."""
     import matplotlib
 
     if not in_notebook():
@@ -712,32 +794,35 @@ def write_summary(runs_root=None, out_dir=None) -> dict[str, Path]:
     if df.empty:
         raise LoraKitError(f"no run folders with a summary.json under {root}; run variants first "
                            "(python -m lora_kit matrix) or pass runs_root")
+    study, left_out = one_setup(df, setup)
+    log(setup_note(study, left_out))
     out = Path(out_dir) if out_dir else outputs_dir() / "summary"
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"table": out / "study.csv"}
+    paths = {"table": out / "study.csv", "left_out": out / "left_out.csv"}
     df.to_csv(paths["table"], index=False)
+    left_out.to_csv(paths["left_out"], index=False)
 
     def save(name: str, fig) -> None:
         paths[name] = out / f"{name}.png"
         fig.savefig(paths[name], dpi=110, bbox_inches="tight")
         plt.close(fig)
 
-    probes = study_probes(df) or ["general"]
+    probes = study_probes(study) or ["general"]
     for name, metric in (("frontier_irrelevant", "irrelevant_pass"), ("frontier_hallucination", "hallucination")):
         fig, axes = plt.subplots(1, len(probes), figsize=(7 * len(probes), 5), squeeze=False)
         for ax, probe in zip(axes[0], probes):  # one panel per watched probe group
-            plot_frontier(df, "best_eval_loss", column(metric, probe), ax=ax)
+            plot_frontier(study, "best_eval_loss", column(metric, probe), ax=ax)
         fig.tight_layout()
         save(name, fig)
-    save("heatmaps", plot_heatmaps(df))
-    save("curves", plot_curves(df))
+    save("heatmaps", plot_heatmaps(study))
+    save("curves", plot_curves(study))
     restart = plot_restart(df)
     if restart is not None:
         save("restart", restart)
-    if (df["variant"].map(replicate_of).value_counts() > 1).any():  # variants run under several seeds
+    if (study["variant"].map(replicate_of).value_counts() > 1).any():  # variants run under several seeds
         paths["replicates"] = out / "replicates.csv"
-        seed_table(df).to_csv(paths["replicates"], index=False)
+        seed_table(study).to_csv(paths["replicates"], index=False)
     paths["verdicts"] = out / "verdicts.json"
-    paths["verdicts"].write_text(json.dumps(hypothesis_verdicts(df), indent=2, ensure_ascii=False) + "\n",
+    paths["verdicts"].write_text(json.dumps(hypothesis_verdicts(study), indent=2, ensure_ascii=False) + "\n",
                                  encoding="utf-8")
     return paths

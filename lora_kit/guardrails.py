@@ -20,7 +20,6 @@ Conventions every function here follows:
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ from . import scoring
 from .errors import DataError, LoraKitError
 from .metrics import DEFAULT_PROBE, probe_metrics
 from .metrics import value as metric_value
-from .rundir import append_jsonl, read_jsonl_records
+from .rundir import RunFolder, append_jsonl, read_jsonl_records
 
 TRIGGER_NAMES = ("non_finite_loss", "irrelevant_drop", "hallucination_rise", "gap_widening",
                  "caption_degraded")  # also the order in which check_triggers reports them
@@ -217,6 +216,15 @@ class _Eager:
         return 1 if name.endswith("_patience") else getattr(self._cfg, name)
 
 
+def recorded_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any,
+                      verdicts: Sequence[Mapping] | None = None) -> list[Trigger]:
+    """Every trigger that held at each evaluation after step 0, in step order: what active_triggers said at
+    each one, computed again from the records (a run with early_stopping false, or resumed, lists them all)."""
+    evals = _evaluations(apply_verdicts(history, verdicts) if verdicts is not None else history)
+    return [t for i, record in enumerate(evals) if record["step"] > 0
+            for t in active_triggers(evals[:i + 1], baseline, cfg)]
+
+
 def _non_finite_loss(latest: Mapping, baseline: Mapping) -> Trigger | None:
     loss = latest.get("eval_loss")
     if latest["step"] <= 0 or isinstance(loss, bool) or not isinstance(loss, float) or math.isfinite(loss):
@@ -345,6 +353,52 @@ def eval_loss_plateau(history: Sequence[Mapping], patience: int, threshold: floa
                        f"than {threshold:.0%} ({since} evaluations, plateau_patience {patience})."}
 
 
+def guardrails_that_cannot_act(baseline: Mapping, cfg: Any) -> list[dict[str, str]]:
+    """The guardrails that cannot work as meant from the baseline on, each {"guardrail", "probe", "problem",
+    "message"}, for every gating probe group (gating_probes).
+
+    problem "cannot_hold": the baseline itself already breaks it, so every evaluation counts as bad and the
+    trigger fires at its patience-th evaluation whatever training does (irrelevant pass below irrelevant_min).
+    problem "cannot_fire": it can never trigger (no irrelevant or OOD samples in the group, or a bound
+    beyond 100%), so the run goes unguarded there. Each message names the parameter and the fix.
+    """
+    out = []
+    for probe in gating_probes(baseline, cfg):
+        under = _under(probe)
+        base_irr, base_hal = _rate(baseline, "irrelevant_pass", probe), _rate(baseline, "hallucination", probe)
+        if base_irr is None:
+            out.append({"guardrail": "irrelevant_drop", "probe": probe, "problem": "cannot_fire", "message": (
+                f"irrelevant_drop {under} cannot fire: the baseline has no irrelevant-image pass rate there (no "
+                f"sample of kind 'irrelevant' with probe {probe!r} in bench_file). Fix: add chat screenshots or other "
+                "irrelevant images answered with irrelevant_label to that group, or leave it out of "
+                "guardrail_probes.")})
+        elif base_irr < cfg.irrelevant_min - _EPS:
+            k, n = _count(baseline, "irrelevant_pass", probe)
+            out.append({"guardrail": "irrelevant_drop", "probe": probe, "problem": "cannot_hold", "message": (
+                f"irrelevant_drop {under} cannot hold: the baseline already passes only {k}/{n} ({_pct(base_irr)}) "
+                f"irrelevant images, below irrelevant_min = {cfg.irrelevant_min:g}, so every evaluation counts as a "
+                f"drop and the trigger fires at evaluation {cfg.irrelevant_patience} whatever the run learns. Fix: "
+                f"set irrelevant_min below the baseline's {base_irr:.2f} (irrelevant_min: 0 keeps only the relative "
+                f"drop of irrelevant_drop_max = {cfg.irrelevant_drop_max:g}), use a benchmark whose irrelevant "
+                f"images the base answers with irrelevant_label = {cfg.irrelevant_label!r}, or leave {probe!r} out "
+                "of guardrail_probes.")})
+        if base_hal is None:
+            out.append({"guardrail": "hallucination_rise", "probe": probe, "problem": "cannot_fire", "message": (
+                f"hallucination_rise {under} cannot fire: the baseline has no hallucination rate there (no sample "
+                f"of kind 'ood' with probe {probe!r} in bench_file). Fix: add out-of-domain images to that group.")})
+        elif base_hal + cfg.hallucination_rise_max >= 1 - _EPS:
+            out.append({"guardrail": "hallucination_rise", "probe": probe, "problem": "cannot_fire", "message": (
+                f"hallucination_rise {under} cannot fire: baseline {_pct(base_hal)} plus hallucination_rise_max = "
+                f"{cfg.hallucination_rise_max:g} is 100% or more. Fix: lower hallucination_rise_max, or use a "
+                "benchmark on which the base hallucinates less.")})
+    return out
+
+
+def _count(record: Mapping, key: str, probe: str = DEFAULT_PROBE) -> tuple[Any, Any]:
+    value = metric_value(record, key, probe)
+    return (value.get("k"), value.get("n")) if isinstance(value, Mapping) else ("?", "?")
+
+
 # ------------------------------------------------------------------------------------------------
 # Caption sanity
 
@@ -450,52 +504,73 @@ def _same_checkpoint(a: Any, b: Any) -> bool:
 # Baseline
 
 
-def baseline_record(run_dir: Path, runs_root: Path, a0_variant: str = "A0", *, model: str | None = None
+def baseline_record(run_dir: Path, runs_root: Path, a0_variant: str = "A0", *, params: Mapping
                     ) -> tuple[dict, str]:
-    """The guardrail baseline: (step-0 record, where it came from).
+    """The guardrail baseline: (step-0 record, where it came from and why).
 
-    A0's step-0 record (runs_root/A0/metrics.jsonl) when A0 completed (summary.json status
-    "completed") and is not this run; else this run's own step-0 record (run_dir/metrics.jsonl).
-    The source reads "A0 (outputs/runs/A0)" or "own step 0 (why A0 was not used)".
-    With `model` given, A0 must have run on the same model (a stage-2 restart is not judged against
-    the stage-3 baseline). Raises LoraKitError when neither exists.
+    A0's step-0 record (runs_root/A0/metrics.jsonl) when comparable_a0 accepts A0 for this run (`params`:
+    this run's params.json, whose setup and code A0's must equal); else this run's own step-0 record
+    (run_dir/metrics.jsonl). The source reads "A0 (outputs/runs/A0): why" or "own step 0 (why A0 was not
+    used)". Raises LoraKitError when neither exists.
     """
     run_dir, runs_root = Path(run_dir), Path(runs_root)
-    a0_dir = runs_root / a0_variant
-    why_not_a0 = _why_not_a0(a0_dir, run_dir, a0_variant)
-    if why_not_a0 is None and model is not None:
-        try:
-            a0_model = json.loads((a0_dir / "params.json").read_text(encoding="utf-8"))["config"]["model"]
-        except (OSError, ValueError, KeyError, TypeError):
-            a0_model = None
-        if a0_model != model:
-            why_not_a0 = f"{a0_variant} ran on model {a0_model!r}, this run on {model!r}"
-    if why_not_a0 is None:
+    a0_dir, why = comparable_a0(run_dir, runs_root, params, a0_variant)
+    if a0_dir is not None:
         record = step0_record(a0_dir / "metrics.jsonl")
         if record is not None:
-            return record, f"{a0_variant} ({a0_dir})"
-        why_not_a0 = f"{a0_dir / 'metrics.jsonl'} has no step-0 evaluation"
+            return record, f"{a0_variant} ({a0_dir}): {why}"
+        why = f"{a0_dir / 'metrics.jsonl'} has no step-0 evaluation"
     own = run_dir / "metrics.jsonl"
     record = step0_record(own)
     if record is not None:
-        return record, f"own step 0 ({why_not_a0})"
+        return record, f"own step 0 ({why})"
     raise LoraKitError(
-        f"no guardrail baseline for {run_dir}: {why_not_a0}, and {own} has no step-0 evaluation. "
+        f"no guardrail baseline for {run_dir}: {why}, and {own} has no step-0 evaluation. "
         f"Fix: run {a0_variant} to completion first (python -m lora_kit train -f params/{a0_variant}.yaml), "
         "or evaluate this run at step 0 (before training) before checking guardrails")
 
 
+def comparable_a0(run_dir: Path, runs_root: Path, params: Mapping, a0_variant: str = "A0"
+                  ) -> tuple[Path | None, str]:
+    """(A0's folder, why it may stand for this run's step 0), or (None, why not).
+
+    A0 qualifies when it completed, trained nothing, and ran the same setup (setups.py: model, data files,
+    benchmark, evaluation settings, profile) with the same code as this run, whose params.json is `params`.
+    The guardrail baseline (baseline_record) and the copied step 0 (train.shared_step0) both ask this.
+    """
+    from .setups import code_differences, setup_differences, setup_of
+
+    a0_dir = Path(runs_root) / a0_variant
+    why_not = _why_not_a0(a0_dir, Path(run_dir), a0_variant)
+    if why_not is not None:
+        return None, why_not
+    try:
+        theirs = RunFolder(a0_dir).params()
+    except DataError as err:
+        return None, str(err)
+    if theirs is None:
+        return None, f"{a0_dir / 'params.json'} does not exist, so {a0_variant}'s setup is unknown"
+    if theirs.get("trainable_parameters") != 0:
+        return None, f"{a0_variant} trained {theirs.get('trainable_parameters')!r} parameters: it is not the base"
+    differences = (setup_differences(setup_of(theirs), setup_of(dict(params)))
+                   + code_differences(theirs.get("code"), params.get("code")))
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        return None, f"{a0_variant} at {a0_dir} ran another setup or code ({a0_variant} vs this run: {shown})"
+    return a0_dir, ("the same model, data files, benchmark, evaluation settings and profile (setups.py) and the "
+                    "same code")
+
+
 def _why_not_a0(a0_dir: Path, run_dir: Path, a0_variant: str) -> str | None:
-    """Why A0's folder cannot be the baseline, or None when it can."""
+    """Why A0's folder cannot be the baseline whatever its setup (this run, absent, not completed), or None."""
     if a0_dir.resolve() == run_dir.resolve():
         return f"this run is {a0_variant}"
-    summary = a0_dir / "summary.json"
-    if not summary.is_file():
+    if not (a0_dir / "summary.json").is_file():
         return f"no {a0_variant} run at {a0_dir}"
     try:
-        status = json.loads(summary.read_text(encoding="utf-8")).get("status")
+        status = RunFolder(a0_dir).status()
     except (OSError, ValueError, AttributeError) as err:
-        return f"{summary} cannot be read ({err})"
+        return f"{a0_dir / 'summary.json'} cannot be read ({err})"
     if status != "completed":
         return f"{a0_variant} at {a0_dir} has status {status!r}, not 'completed'"
     return None

@@ -97,12 +97,15 @@ def summary_notebook() -> nbformat.NotebookNode:
             from typing import Optional
 
             runs_root: Optional[str] = None  # run folders (default outputs/runs)
-            out_dir: Optional[str] = None  # where the table and figures go (default outputs/summary)"""),
+            out_dir: Optional[str] = None  # where the table and figures go (default outputs/summary)
+            setup: Optional[str] = None  # setup id (study.csv's setup column); None = the one with most finished runs"""),
             metadata={"tags": ["parameters"]}),
         new_markdown_cell(textwrap.dedent("""\
-            ## One row per run
+            ## One row per run of one setup
 
-            Each run's guardrail metrics at its best checkpoint: the lowest eval loss among checkpoints that kept
+            Runs are compared only within one setup: the same model, data files, benchmark, evaluation settings
+            and profile (a run on other data would sit on the same frontier and sway the verdicts). Each run's
+            guardrail metrics at its best checkpoint: the lowest eval loss among checkpoints that kept
             irrelevant pass and hallucination within their margins of the baseline. A run with no such checkpoint
             is *infeasible* and shows its last evaluation. Rates are given with their Wilson 95% interval and n.""")),
         new_code_cell(textwrap.dedent("""\
@@ -112,7 +115,12 @@ def summary_notebook() -> nbformat.NotebookNode:
             from lora_kit.paths import runs_dir
 
             df = frontier.collect_runs(runs_dir(runs_root))
-            frontier.study_table(df)""")),
+            study, left_out = frontier.one_setup(df, setup)
+            print(frontier.setup_note(study, left_out))
+            frontier.study_table(study)""")),
+        new_markdown_cell("## Runs left out of the comparison, and why\n\n"
+                          "Runs of other setups (what differs from this one) and runs that did not finish."),
+        new_code_cell("left_out"),
         new_markdown_cell(textwrap.dedent("""\
             ## The frontier: task fit against generalization
 
@@ -121,20 +129,21 @@ def summary_notebook() -> nbformat.NotebookNode:
             prompt). Orange points connected by the line are the Pareto front of the feasible runs: no other run is
             at least as good on both axes and better on one. Hollow squares had no feasible checkpoint.""")),
         new_code_cell(textwrap.dedent("""\
-            probes = frontier.study_probes(df)
+            probes = frontier.study_probes(study)
             fig, axes = plt.subplots(2, len(probes), figsize=(7 * len(probes), 10), squeeze=False)
             for i, probe in enumerate(probes):
-                frontier.plot_frontier(df, "best_eval_loss", f"irrelevant_pass@{probe}", ax=axes[0][i])
-                frontier.plot_frontier(df, "best_eval_loss", f"hallucination@{probe}", ax=axes[1][i])
+                frontier.plot_frontier(study, "best_eval_loss", f"irrelevant_pass@{probe}", ax=axes[0][i])
+                frontier.plot_frontier(study, "best_eval_loss", f"hallucination@{probe}", ax=axes[1][i])
             fig.tight_layout()""")),
         new_markdown_cell("## Each metric over llm_last × vit_last\n\n"
                           "The study grid at its common settings (LR-grid and restart runs are left out here)."),
-        new_code_cell("frontier.plot_heatmaps(df);"),
+        new_code_cell("frontier.plot_heatmaps(study);"),
         new_markdown_cell("## Training and guardrail curves of every run\n\n"
                           "X marks where a guardrail stopped a run, a star its best checkpoint."),
-        new_code_cell("frontier.plot_curves(df);"),
+        new_code_cell("frontier.plot_curves(study);"),
         new_markdown_cell("## Stage-3 continue vs stage-2 restart\n\n"
-                          "Shown when both a variant and its `_restart` run exist (e.g. C2 and C2_restart)."),
+                          "Shown when both a variant and its `_restart` run exist (e.g. C2 and C2_restart), taken "
+                          "from every run: the restart starts from the stage-2 checkpoint, another setup."),
         new_code_cell(textwrap.dedent("""\
             if frontier.plot_restart(df) is None:
                 print("no restart pair yet: run a variant and its _restart variant (C2, C2_restart)")""")),
@@ -148,10 +157,10 @@ def summary_notebook() -> nbformat.NotebookNode:
             import pandas as pd
 
             pd.set_option("display.max_colwidth", None)
-            pd.DataFrame(frontier.hypothesis_verdicts(df)).set_index("hypothesis")""")),
+            pd.DataFrame(frontier.hypothesis_verdicts(study)).set_index("hypothesis")""")),
         new_markdown_cell("## Save the table, the figures and the verdicts"),
         new_code_cell(textwrap.dedent("""\
-            for name, path in frontier.write_summary(runs_root, out_dir).items():
+            for name, path in frontier.write_summary(runs_root, out_dir, setup, log=lambda *_: None).items():
                 print(f"{name}: {path}")""")),
     ]
     return _finish(cells)

@@ -211,6 +211,25 @@ class RunFolder:
     def write_params(self, params: dict) -> None:
         write_json_atomic(self.path / "params.json", params)
 
+    def params(self) -> dict | None:
+        """The run's params.json (resolved parameters, setup, code, targets), or None before it is written.
+        Raises DataError when it is not a JSON object (it is written atomically, so it was edited by hand)."""
+        return self._read_json("params.json")
+
+    def _read_json(self, name: str) -> dict | None:
+        path = self.path / name
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise DataError(f"{path} is not valid JSON ({err}); the kit writes it atomically, so it was edited or "
+                            "copied half-way: restore it, or delete the run folder and run the variant again") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it, or delete the "
+                            "run folder and run the variant again")
+        return data
+
     def read_metrics(self) -> list[dict]:
         """Metrics of evaluations that a resume keeps: those up to the last checkpoint (or step 0)."""
         records = read_jsonl_records(self.path / "metrics.jsonl")
@@ -239,6 +258,10 @@ class RunFolder:
         folder.mkdir(exist_ok=True)
         write_json_atomic(folder / f"step-{step:06d}.json", {"step": step, "benchmark": records,
                                                              "captions": captions})
+
+    def read_samples(self, step: int) -> dict | None:
+        """The generations written by write_samples for `step` ({"step", "benchmark", "captions"}), or None."""
+        return self._read_json(f"samples/step-{step:06d}.json")
 
     def verdicts(self) -> list[dict]:
         """Manual spot-check verdicts (spotcheck.jsonl); guardrails.caption_sanity picks a checkpoint's."""

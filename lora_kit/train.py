@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import subprocess
@@ -36,6 +35,7 @@ from .metrics import METRICS, probe_metrics
 from .paths import REPO_ROOT, runs_dir
 from .prefix import FrozenPrefix, plan_prefix
 from .rundir import RunFolder
+from .setups import describe_setup
 from .targeting import TargetPlan, Towers, find_towers, plan_from_regex, plan_targets, verify_wrapped, wrapped_modules
 
 
@@ -113,11 +113,31 @@ def optimizer_groups(model, towers: Towers, cfg: RunConfig) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+def step_token_mean(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """The Trainer's `compute_loss_func`: this micro-batch's summed next-token cross-entropy divided by the
+    supervised tokens of the whole optimizer step (`num_items_in_batch`, which the Trainer counts over every
+    accumulated micro-batch, and every process).
+
+    Summed over the step's micro-batches, this is the token-weighted mean over the step whatever the split
+    into batch x accumulation; the model's own loss is a per-micro-batch mean (Qwen3-VL sets
+    `accepts_loss_kwargs = False`), which the Trainer would average, weighting a 2-token answer like a
+    70-token one. Without a count (never in training) it is the micro-batch's mean.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    return ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+
+
 class StudyTrainer(Trainer):
-    """The Trainer with per-tower learning rates and, given a FrozenPrefix, the frozen-prefix fast path."""
+    """The Trainer with per-tower learning rates, a loss that is the token-weighted mean over each optimizer
+    step (`step_token_mean`) and, given a FrozenPrefix, the frozen-prefix fast path."""
 
     def __init__(self, *args, towers: Towers, run_cfg: RunConfig, prefix: FrozenPrefix | None = None, **kwargs):
         self.towers, self.run_cfg, self.prefix = towers, run_cfg, prefix
+        # With compute_loss_func the Trainer counts the step's supervised tokens (over labels[..., 1:], as the
+        # causal shift predicts them) and no longer divides each micro-batch's loss by the accumulation steps.
+        kwargs.setdefault("compute_loss_func", step_token_mean)
         super().__init__(*args, **kwargs)
 
     def floating_point_ops(self, inputs) -> int:
@@ -128,11 +148,16 @@ class StudyTrainer(Trainer):
         return 6 * inputs["input_ids"].numel() * self._n_params
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # The model's own loss is a per-batch mean (Qwen3-VL takes no num_items_in_batch); so is the fast one.
+        # Both paths give the micro-batch's token sum over the step's supervised tokens (see step_token_mean).
         rows = inputs.pop("rows", None)
         if self.prefix is None or rows is None or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return self.prefix.loss(inputs, rows)
+        if num_items_in_batch is None:  # the Trainer counts whenever compute_loss_func is set
+            return self.prefix.loss(inputs, rows)
+        loss = self.prefix.loss(inputs, rows, reduction="sum") / num_items_in_batch
+        if self.args.average_tokens_across_devices:  # as Trainer.compute_loss: DDP averages the processes' gradients
+            loss = loss * self.accelerator.num_processes  # (1 here: plan_prefix turns the fast path off for several)
+        return loss
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -208,9 +233,12 @@ class GuardrailCallback(TrainerCallback):
                  ranks: Ranks = Ranks()):
         self.run, self.cfg, self.encoder, self.evalset, self.ranks = run, cfg, encoder, evalset, ranks
         self.history = run.read_metrics() if ranks.is_main else []
+        self.params: dict = {}  # this run's params.json, set by train(): an A0 baseline must share its setup
         self.baseline: dict | None = None
         self.baseline_source = None
-        self.trigger: guardrails.Trigger | None = None
+        self.trigger: guardrails.Trigger | None = None  # the first trigger holding at the latest evaluation
+        self.loss_trigger: guardrails.Trigger | None = None  # the training loss turned non-finite (on_log)
+        self.stopped_by: guardrails.Trigger | None = None  # the trigger that stopped training, if one did
         self.plateau: dict | None = None  # guardrails.eval_loss_plateau, when it ended the run
         self.eval_seconds = 0.0
         self.eval_parts: dict[str, float] = {}  # seconds per part of the evaluations (losses, benchmark, ...)
@@ -255,10 +283,15 @@ class GuardrailCallback(TrainerCallback):
     def record(self, record: dict) -> None:
         self.run.append_metrics(record)
         self.history.append(record)
+        self.load_baseline()
+        self._tensorboard(record)
+
+    def load_baseline(self) -> dict:
+        """The guardrail baseline (a comparable A0's step 0, else this run's), read once the step 0 is recorded."""
         if self.baseline is None:
             self.baseline, self.baseline_source = guardrails.baseline_record(
-                self.run.path, self.run.path.parent, model=self.cfg.model)
-        self._tensorboard(record)
+                self.run.path, self.run.path.parent, params=self.params)
+        return self.baseline
 
     def _tensorboard(self, record: dict) -> None:
         if self.tb is None:
@@ -310,7 +343,9 @@ class GuardrailCallback(TrainerCallback):
     def _decide(self, measured: tuple[dict, list, list], step: int, epoch: float) -> tuple[bool, bool]:
         """(stop, save) from a measured evaluation, once it is kept and the triggers are checked."""
         stop = self.check(measured, step, epoch) and self.cfg.early_stopping
-        if not stop and step:
+        if stop:
+            self.stopped_by = self.trigger
+        elif step:
             self.plateau = guardrails.eval_loss_plateau(self.history, self.cfg.plateau_patience,
                                                         self.cfg.plateau_threshold)
             stop = self.plateau is not None
@@ -326,6 +361,8 @@ class GuardrailCallback(TrainerCallback):
         if loss is not None and not math.isfinite(loss):
             self.trigger = guardrails.Trigger("non_finite_loss", state.global_step, {"loss": loss},
                                               f"training loss became {loss} at step {state.global_step}")
+            # diverged weights do not recover: stopped even without early_stopping
+            self.loss_trigger = self.stopped_by = self.trigger
             control.should_training_stop = True
 
 
@@ -443,9 +480,11 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                                  for g in groups],
             "trainable_parameters": trainable,
             "augmentation": {"kind": cfg.augmentation, "strength": cfg.augment_strength},
+            "setup": describe_setup(cfg, model_path, files),  # what a comparable run (an A0 baseline) shares
         }
         ranks.on_rank0(run.write_params, params)
         callback = GuardrailCallback(run, cfg, encoder, evalset, ranks)
+        callback.params = params
         collator = Collator(processor, model, cfg.packing, cfg.max_length, rows=True)
         if trainable:  # before step 0, whose losses then fill the cache for every later evaluation
             callback.prefix = frozen_prefix(model, cfg, collator, train_data, world_size=ranks.world_size, log=log)
@@ -458,6 +497,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                     "data and settings, and LoRA starts at zero, so the model at step 0 is A0's")
             else:
                 ranks.on_rank0(callback.evaluate_and_check, model, 0, 0.0)
+        guardrail_problems = ranks.on_rank0(guardrails_can_act, callback, cfg, trainable, log)
         if trainable == 0:  # A0: evaluation only; its step-0 metrics are the study's baseline
             log(f"{cfg.variant_name}: nothing to train (llm_last=0, vit_last=0): evaluation-only baseline run")
         else:
@@ -490,14 +530,20 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         best = guardrails.choose_best(history, callback.baseline, cfg) if trainer is not None else {
             "checkpoint": None, "step": 0, "eval_loss": history[0]["eval_loss"],
             "reason": "evaluation-only run: the base itself is the baseline"}
-        trig = callback.trigger
+        # stopped early = a trigger ended training before its last step; a run that reached it is completed,
+        # whatever triggers it recorded on the way (early_stopping: false, or one firing at the last step)
+        trig = callback.stopped_by if trainer is not None and last < trainer.state.max_steps else None
         status = "stopped_early" if trig else "completed"
+        # from the records, so that a resumed run lists the triggers of its evaluations before the interruption too
+        triggers = guardrails.recorded_triggers(history, callback.baseline, cfg, run.verdicts())
+        triggers += [callback.loss_trigger] if callback.loss_trigger else []
         summary = {
             "variant": cfg.variant_name, "status": status,
             "stop_reason": trig.name if trig else None, "stop_step": trig.step if trig else None,
             "stop_probe": trig.probe if trig else None,
             "plateau": callback.plateau,  # training ended because the eval loss stopped improving
             "stop_values": trig.values if trig else None, "stop_message": trig.message if trig else None,
+            "triggers": [t.as_dict() for t in triggers], "guardrail_problems": guardrail_problems,
             "steps": history[-1]["step"], "baseline_source": callback.baseline_source,
             "baseline": {k: callback.baseline.get(k) for k in ("step", "eval_loss", "gap", "general_loss",
                                                                 "task_exact_match", "probes")},
@@ -516,6 +562,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         }
         run.finish(summary)
         log(f"{cfg.variant_name}: {status}" + (f" ({trig.name} at step {trig.step})" if trig else "")
+            + (f", {len(triggers)} trigger(s) recorded without stopping" if triggers and not trig else "")
             + f", best checkpoint: {best.get('checkpoint')}, {time.time() - t_start:.0f}s")
         return run.path
     except BaseException as e:
@@ -526,38 +573,46 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         ranks.close()
 
 
-# What the step-0 evaluation depends on besides the weights: equal in A0's run and this one, its record
-# is this run's step 0 (the weights are the same: LoRA's B starts at zero, modules_to_save start as copies).
-STEP0_SETTINGS = ("model", "trust_remote_code", "irrelevant_label", "max_length", "min_pixels", "max_pixels",
-                  "per_device_eval_batch_size", "max_new_tokens", "eval_max_samples", "exact_match_samples",
-                  "crop_jitter_k", "caption_chrf_min", "on_bad_sample")  # not seed: evaluate.EVAL_SEED draws the samples
-
-
 def shared_step0(cfg: RunConfig, run: RunFolder, mine: dict, a0_variant: str = "A0") -> dict | None:
     """A0's step-0 record (its samples copied here) when it is exactly this run's step 0, else None.
 
-    `mine` is this run's params.json. Saves one whole guardrail evaluation per variant. Not with
-    init_adapter (then step 0 differs from the base), nor when A0 ran other code, data or evaluation
-    settings, or has not completed.
+    `mine` is this run's params.json. Saves one whole guardrail evaluation per variant. Only from an A0 that
+    guardrails.comparable_a0 accepts (completed, nothing trained, the same setup and code), and not with
+    init_adapter (then step 0 differs from the base).
     """
-    a0 = run.path.parent / a0_variant
-    if not mine["trainable_parameters"] or cfg.init_adapter is not None or a0.resolve() == run.path.resolve():
+    if not mine["trainable_parameters"] or cfg.init_adapter is not None:
+        return None
+    a0, _ = guardrails.comparable_a0(run.path, run.path.parent, mine, a0_variant)
+    if a0 is None:
         return None
     try:
-        summary = json.loads((a0 / "summary.json").read_text(encoding="utf-8"))
-        theirs = json.loads((a0 / "params.json").read_text(encoding="utf-8"))
-        samples = json.loads((a0 / "samples" / "step-000000.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        samples = RunFolder(a0).read_samples(0)
+    except LoraKitError:
         return None
-    same = (summary.get("status") == "completed" and theirs.get("trainable_parameters") == 0
-            and theirs.get("code") == mine["code"] and theirs.get("data_files") == mine["data_files"]
-            and theirs.get("model_path") == mine["model_path"]
-            and all(theirs.get("config", {}).get(k) == mine["config"][k] for k in STEP0_SETTINGS))
-    record = guardrails.step0_record(a0 / "metrics.jsonl") if same else None
-    if record is None:
+    record = guardrails.step0_record(a0 / "metrics.jsonl")
+    if record is None or samples is None:
         return None
     run.write_samples(0, samples["benchmark"], samples["captions"])
     return {**record, "eval_seconds": 0.0, "copied_from": f"{a0_variant} ({a0})"}
+
+
+def guardrails_can_act(callback: GuardrailCallback, cfg: RunConfig, trainable: int, log=print) -> list[dict]:
+    """Before training: the guardrails that cannot work as meant from this run's baseline, said loudly
+    (guardrails.guardrails_that_cannot_act) and returned for summary.json.
+
+    One that cannot hold (the baseline already breaks it) is refused for a run that would train with
+    early_stopping: that run would stop at the guardrail's patience-th evaluation whatever it learned, and
+    its status would blame training for what the base already did; the fix is one parameter. An evaluation-only
+    run (A0, whose warning then concerns every variant) and early_stopping: false only warn.
+    """
+    problems = guardrails.guardrails_that_cannot_act(callback.load_baseline(), cfg)
+    for problem in problems:
+        log(f"WARNING {cfg.variant_name}: {problem['message']} (baseline: {callback.baseline_source})")
+    cannot_hold = [p["message"] for p in problems if p["problem"] == "cannot_hold"]
+    if cannot_hold and trainable and cfg.early_stopping:
+        raise ConfigError(" ".join(cannot_hold) + f" (baseline: {callback.baseline_source}). Or set "
+                          "early_stopping: false to train anyway and record the triggers without stopping.")
+    return problems
 
 
 def final_evaluation(callback: GuardrailCallback, model, step: int, epoch: float) -> None:

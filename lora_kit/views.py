@@ -1,13 +1,12 @@
 """What the notebooks show: parameter handling, the target table, run curves and guardrail plots."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from .metrics import BY_NAME, column, probe_metrics, shown, title
-from .rundir import read_jsonl_records
+from .rundir import RunFolder, read_jsonl_records
 
 
 def notebook_overrides(namespace: dict, config_cls) -> dict:
@@ -73,8 +72,8 @@ def plot_run(run_dir: str | Path):
 
     run_dir = Path(run_dir)
     df = metrics_frame(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    params = json.loads((run_dir / "params.json").read_text())["config"]
+    run = RunFolder(run_dir)
+    summary, params = run.summary(), run.params()["config"]
     base = summary.get("baseline") or {}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
@@ -123,11 +122,16 @@ def plot_run(run_dir: str | Path):
 def show_run(run_dir: str | Path) -> pd.DataFrame:
     """Plot a finished run and print its outcome; returns the metrics table."""
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunFolder(run_dir).summary()
     plot_run(run_dir)
     best = summary.get("best") or {}
     print(f"status: {summary['status']}" + (f", stopped by {summary['stop_reason']} at step {summary['stop_step']}: "
                                             f"{summary.get('stop_message')}" if summary.get("stop_reason") else ""))
+    unstopped = [t for t in summary.get("triggers") or [] if summary.get("stop_reason") is None]
+    if unstopped:  # early_stopping: false, or a trigger at the last step: recorded, training went on
+        print("triggers recorded without stopping: " + ", ".join(f"{t['name']} at step {t['step']}" for t in unstopped))
+    for problem in summary.get("guardrail_problems") or []:
+        print(f"WARNING: {problem['message']}")
     print(f"baseline: {summary.get('baseline_source')}; guardrails watch the probe groups "
           f"{', '.join(summary.get('guardrail_probes') or []) or 'of the benchmark'}")
     print(f"best checkpoint: {best.get('checkpoint')} ({best.get('reason')})")

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lora_kit.errors import LoraKitError
-from lora_kit.frontier import collect_runs, hypothesis_verdicts, pareto_front, study_table, write_summary
+from lora_kit.frontier import (collect_runs, hypothesis_verdicts, one_setup, pareto_front, study_table,
+                               write_summary)
 from lora_kit.scoring import rate
 
 
@@ -95,12 +96,13 @@ def record(step, eval_loss, irr=0.95, hal=0.1, general=1.0, checkpoint=True, n=4
 
 
 def write_run(root, variant, llm, vit, records, *, status="completed", best_step="lowest", model="toy", lr=1e-3,
-              vit_lr=3e-3, stop=None, truncate=False, seed=42):
+              vit_lr=3e-3, stop=None, truncate=False, bench_file="world/bench.jsonl", seed=42):
     """A run folder as train.py leaves it; best_step 'lowest' = the lowest-loss checkpoint, None = none feasible."""
     d = root / variant
     d.mkdir(parents=True)
     params = {"config": {"variant": variant, "llm_last": llm, "vit_last": vit, "model": model, "lora_rank": 16, "seed": seed,
-                         "learning_rate": lr, "vit_lr": vit_lr}, "code": {}, "packages": {}}
+                         "learning_rate": lr, "vit_lr": vit_lr}, "code": {}, "packages": {},
+              "data_files": {"train_file": "world/task_train.jsonl", "bench_file": bench_file}}
     (d / "params.json").write_text(json.dumps(params))
     lines = "".join(json.dumps(r) + "\n" for r in records)
     if truncate:
@@ -175,12 +177,18 @@ def test_collect_runs_refuses_a_missing_folder(tmp_path):
 
 
 def test_write_summary(runs, tmp_path):
-    paths = write_summary(runs, tmp_path / "summary")
-    names = {"table", "frontier_irrelevant", "frontier_hallucination", "heatmaps", "curves", "restart", "verdicts"}
+    paths = write_summary(runs, tmp_path / "summary", log=lambda *_: None)
+    names = {"table", "left_out", "frontier_irrelevant", "frontier_hallucination", "heatmaps", "curves", "restart",
+             "verdicts"}
     assert set(paths) == names
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 0 and path.parent == tmp_path / "summary"
     assert len(pd.read_csv(paths["table"])) == 6
+    # the restart starts from another model: left out of the comparison (but in its own figure), as is failed B2
+    left_out = pd.read_csv(paths["left_out"]).set_index("variant")
+    assert sorted(left_out.index) == ["B2", "C2_restart"]
+    assert "model: toy (weights not recorded) vs toy-stage2" in left_out.loc["C2_restart", "why"]
+    assert left_out.loc["B2", "why"].startswith("status failed")
     verdicts = json.loads(paths["verdicts"].read_text())
     assert [v["hypothesis"] for v in verdicts] == ["H1", "H2", "H3", "H4"]
     assert all(v["verdict"] in ("supported", "not supported", "not enough data") and v["evidence"] for v in verdicts)
@@ -188,6 +196,35 @@ def test_write_summary(runs, tmp_path):
     assert by["H3"]["verdict"] == "not enough data"  # no LR grid among these runs
     # A2 degraded at step 25 and eval loss still improved 0.50 -> 0.45 afterwards (10% > 2%)
     assert by["H4"]["verdict"] == "not supported" and "A2" in by["H4"]["evidence"]
+
+
+def test_runs_of_another_setup_are_left_out_of_frontiers_and_verdicts(runs, tmp_path):
+    """Issue 17 case 8: a run on the user's own data (eval loss 13.4, its own benchmark) beside the toy study
+    swayed H3 to "supported": footprints seemed to span 12.9 nats against the learning rates' 0.2."""
+    write_run(runs, "C2_lr2", 2, 4, [record(0, 1.0), record(25, 0.4), record(50, 0.3)], lr=2e-3, vit_lr=6e-3)
+    write_run(runs, "L3_V0", 3, 0, [record(0, 14.0), record(25, 13.6), record(50, 13.4)],
+              bench_file="/home/me/receipts/bench.jsonl")
+    df = collect_runs(runs)
+    study, left_out = one_setup(df)
+    assert sorted(study["variant"]) == ["A0", "A1", "A2", "B2", "C2", "C2_lr2"]
+    why = left_out.set_index("variant")["why"]
+    assert "bench_file: world/bench.jsonl (sha256 not recorded) vs /home/me/receipts/bench.jsonl" in why["L3_V0"]
+    # within the setup: footprints at the default LR span 0.05 (A1 0.50, C2 0.48, infeasible A2's last 0.45)
+    # against the learning rate's 0.18 (C2 0.48 -> C2_lr2 0.30): not supported; pooled, L3_V0's 13.4 made it 12.95
+    paths = write_summary(runs, tmp_path / "summary", log=lambda *_: None)
+    h3 = next(v for v in json.loads(paths["verdicts"].read_text()) if v["hypothesis"] == "H3")
+    assert h3["verdict"] == "not supported" and "13.4" not in h3["evidence"], h3
+    assert "L3_V0" in pd.read_csv(paths["left_out"])["variant"].tolist()
+    assert "L3_V0" in pd.read_csv(paths["table"])["variant"].tolist()  # the table still lists every run
+    # comparing runs of several setups is refused where it would pool them
+    with pytest.raises(LoraKitError, match="3 setups.*one_setup"):
+        hypothesis_verdicts(df)
+    # the other setup can be chosen by its id (a unique prefix)
+    other = df.set_index("variant").loc["L3_V0", "setup"]
+    mine, out = one_setup(df, other[:5])
+    assert mine["variant"].tolist() == ["L3_V0"] and "A1" in out["variant"].tolist()
+    with pytest.raises(LoraKitError, match="matches 0 of the runs' setups"):
+        one_setup(df, "zzz")
 
 
 def test_write_summary_without_runs(tmp_path):

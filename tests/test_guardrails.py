@@ -17,8 +17,9 @@ from lora_kit.config import RunConfig
 from lora_kit.errors import DataError, LoraKitError
 from lora_kit.guardrails import (
     Trigger, active_triggers, append_metrics, baseline_record, caption_sanity, check_triggers,
-    choose_best, read_metrics,
+    choose_best, guardrails_that_cannot_act, read_metrics, recorded_triggers,
 )
+from lora_kit.setups import DATA_FILES, describe_setup
 
 CFG = RunConfig()
 TERMS = {"colours": ["红色", "蓝色"], "shapes": ["圆形", "三角形"]}
@@ -323,41 +324,159 @@ def test_choose_best_without_a_baseline_rate_skips_that_constraint():
     assert best["step"] == 25 and "irrelevant pass under the general prompt not constrained" in best["reason"]
 
 
+# ---- guardrails that cannot act, triggers over a run (issue 17 case 10) ---------------------------
+
+
+def test_a_baseline_under_irrelevant_min_cannot_hold_and_says_the_fix():
+    base = rec(0, irr=0.0)  # 0/32: the user's benchmark, answered with another label by the base
+    [problem] = guardrails_that_cannot_act(base, CFG)
+    assert problem["guardrail"] == "irrelevant_drop" and problem["problem"] == "cannot_hold"
+    assert "0/32" in problem["message"] and "irrelevant_min = 0.8" in problem["message"]
+    assert "fires at evaluation 2" in problem["message"] and "irrelevant_label" in problem["message"]
+    # what it predicts: every later evaluation is bad, so the trigger holds at the second whatever is learned
+    assert names([base, rec(25, irr=0.7), rec(50, irr=0.75)], base) == ["irrelevant_drop"]
+    # at the bound it holds (0.8 is not below 0.8), and a lower minimum leaves only the relative drop
+    assert guardrails_that_cannot_act(rec(0, irr=0.8), CFG) == []
+    assert guardrails_that_cannot_act(base, dataclasses.replace(CFG, irrelevant_min=0.0)) == []
+
+
+def test_guardrails_that_can_never_fire_are_named():
+    no_rows = {"step": 0, "irrelevant_pass": r(None), "hallucination": r(None)}
+    assert [(p["guardrail"], p["problem"]) for p in guardrails_that_cannot_act(no_rows, CFG)] == [
+        ("irrelevant_drop", "cannot_fire"), ("hallucination_rise", "cannot_fire")]
+    # 0.85 + 0.15 = 1.0: no rate can be above it
+    [problem] = guardrails_that_cannot_act(rec(0, irr=0.9, hal=0.85), CFG)
+    assert problem["guardrail"] == "hallucination_rise" and "100%" in problem["message"]
+    assert guardrails_that_cannot_act(rec(0, irr=0.9, hal=0.84), CFG) == []
+
+
+def test_recorded_triggers_lists_every_evaluation_where_one_held():
+    # bad at 25, 50 and 75 (< 0.72), good at 100, bad at 125: patience 2 holds at 50 and 75 only
+    history = [BASE, rec(25, irr=0.5), rec(50, irr=0.5), rec(75, irr=0.6), rec(100, irr=0.9), rec(125, irr=0.5)]
+    found = recorded_triggers(history, BASE, CFG)
+    assert [(t.name, t.step) for t in found] == [("irrelevant_drop", 50), ("irrelevant_drop", 75)]
+    assert recorded_triggers([BASE], BASE, CFG) == []
+
+
 # ---- baseline_record -----------------------------------------------------------------------------
 
 
-def make_run(folder, status=None, records=()):
+def make_run(folder, status=None, records=(), params=None):
     folder.mkdir(parents=True, exist_ok=True)
     for record in records:
         append_metrics(folder / "metrics.jsonl", record)
     if status is not None:
         (folder / "summary.json").write_text(json.dumps({"status": status}))
+    if params is not None:
+        (folder / "params.json").write_text(json.dumps(params))
     return folder
 
 
-def test_baseline_from_a_completed_a0(tmp_path):
-    a0 = make_run(tmp_path / "A0", "completed", [rec(0, irr=0.95), rec(25, irr=0.9)])
-    run = make_run(tmp_path / "C2", None, [rec(0, irr=0.7)])
-    record, source = baseline_record(run, tmp_path)
-    assert record["irrelevant_pass"]["rate"] == 0.95 and source == f"A0 ({a0})"
+@pytest.fixture
+def study_files(tmp_path):
+    """A model folder and the six data files of a study, as describe_setup reads them."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights" * 1000)
+    files = {}
+    for name in DATA_FILES:
+        files[name] = tmp_path / "data" / f"{name}.jsonl"
+        files[name].parent.mkdir(exist_ok=True)
+        files[name].write_text(f'{{"the": "{name}"}}\n', encoding="utf-8")
+    return model, files
 
 
-def test_baseline_from_own_step_zero(tmp_path):
-    run = make_run(tmp_path / "C2", None, [rec(0, irr=0.7), rec(25, irr=0.6)])
-    record, source = baseline_record(run, tmp_path)  # no A0 at all
+def params_of(model, files, trainable=0, code=None, **cfg):
+    """A params.json as train() writes it, with its setup described from the files."""
+    config = RunConfig(model=str(model), profile="none", **cfg)
+    return {"config": config.to_dict(), "trainable_parameters": trainable, "code": code or {"commit": "abc"},
+            "setup": describe_setup(config, model, files)}
+
+
+def test_baseline_from_a_completed_a0(tmp_path, study_files):
+    a0 = make_run(tmp_path / "A0", "completed", [rec(0, irr=0.95), rec(25, irr=0.9)], params_of(*study_files))
+    mine = params_of(*study_files, trainable=1000, llm_last=2, learning_rate=1e-3)  # training settings may differ
+    run = make_run(tmp_path / "C2", None, [rec(0, irr=0.7)], mine)
+    record, source = baseline_record(run, tmp_path, params=mine)
+    assert record["irrelevant_pass"]["rate"] == 0.95 and source.startswith(f"A0 ({a0}): the same model, data files")
+
+
+def test_baseline_from_own_step_zero(tmp_path, study_files):
+    mine = params_of(*study_files, trainable=1000)
+    run = make_run(tmp_path / "C2", None, [rec(0, irr=0.7), rec(25, irr=0.6)], mine)
+    record, source = baseline_record(run, tmp_path, params=mine)  # no A0 at all
     assert record["irrelevant_pass"]["rate"] == 0.7 and source.startswith("own step 0")
-    make_run(tmp_path / "A0", "running", [rec(0, irr=0.95)])  # A0 not completed
-    record, source = baseline_record(run, tmp_path)
-    assert record["irrelevant_pass"]["rate"] == 0.7 and "'running'" in source
+    make_run(tmp_path / "A0", "running", [rec(0, irr=0.95)], params_of(*study_files))  # A0 not completed
+    record, source = baseline_record(run, tmp_path, params=mine)
+    assert record["irrelevant_pass"]["rate"] == 0.7 and "'stale'" in source  # 'running', its process gone
     a0 = make_run(tmp_path / "A0", "completed")
-    record, source = baseline_record(a0, tmp_path)  # A0 itself uses its own step 0
+    record, source = baseline_record(a0, tmp_path, params=params_of(*study_files))  # A0 itself: its own step 0
     assert record["irrelevant_pass"]["rate"] == 0.95 and source == "own step 0 (this run is A0)"
 
 
-def test_no_baseline_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("change, expected", [
+    ("bench_file", "bench_file: "),                     # the user's own benchmark beside the toy study's A0
+    ("train_file", "train_file: "),                     # same paths, other content: a rebuilt world
+    ("weights", "model: "),                             # the model folder rewritten with other weights
+    ("max_new_tokens", "max_new_tokens: 256 vs 8"),     # an evaluation setting
+    ("profile", "profile: 'none' vs 'toy'"),
+    ("code", "code commit: 'abc' vs 'def'"),
+    ("trained", "trained 1000 parameters"),
+    ("legacy", "sha256 not recorded"),                  # an A0 recorded before setups were: paths only
+])
+def test_an_a0_of_another_setup_is_not_the_baseline(tmp_path, study_files, change, expected):
+    """Issue 17 case 7: a run on the user's own data beside the toy study's completed A0 took A0's baseline."""
+    model, files = study_files
+    a0_params = params_of(model, files, trainable=1000 if change == "trained" else 0)
+    if change == "legacy":
+        a0_params = {k: v for k, v in a0_params.items() if k != "setup"}
+        a0_params["data_files"] = {k: str(v) for k, v in files.items()}
+        a0_params["model_path"] = str(model)
+    make_run(tmp_path / "A0", "completed", [rec(0, irr=1.0, eval_loss=4.48)], a0_params)
+    cfg, code = {}, None
+    if change == "bench_file":
+        files = {**files, "bench_file": tmp_path / "receipts_bench.jsonl"}
+        files["bench_file"].write_text('{"receipt": 1}\n', encoding="utf-8")
+    elif change == "train_file":
+        files["train_file"].write_text('{"rebuilt": true}\n', encoding="utf-8")
+    elif change == "weights":
+        (model / "model.safetensors").write_bytes(b"other!!" * 1000)
+    elif change == "max_new_tokens":
+        cfg = {"max_new_tokens": 8}
+    elif change == "code":
+        code = {"commit": "def"}
+    mine = params_of(model, files, trainable=1000, code=code, **cfg)
+    if change == "profile":  # (RunConfig refuses the toy profile for a model folder; only the record matters)
+        mine["setup"]["profile"] = mine["config"]["profile"] = "toy"
+    run = make_run(tmp_path / "C2", None, [rec(0, irr=0.0, eval_loss=13.4)], mine)
+    record, source = baseline_record(run, tmp_path, params=mine)
+    assert record["irrelevant_pass"]["rate"] == 0.0 and record["eval_loss"] == 13.4  # its own step 0
+    assert source.startswith("own step 0 (A0 ") and expected in source, source
+
+
+def test_evaluate_takes_baseline_captions_only_from_an_a0_of_its_setup(tmp_path, study_files):
+    """`python -m lora_kit evaluate` compared a checkpoint's captions with any completed A0's."""
+    from lora_kit.evaluate import study_baseline_captions
+    from lora_kit.train import code_version
+
+    model, files = study_files
+    cfg = RunConfig(model=str(model), profile="none", output_dir=str(tmp_path / "runs"),
+                    **{k: str(v) for k, v in files.items()})
+    make_run(tmp_path / "runs" / "A0", "completed", [{**rec(0), "captions": ["一个红色的圆形"]}],
+             params_of(model, files, code=code_version()))
+    captions, why = study_baseline_captions(cfg)
+    assert captions == ["一个红色的圆形"] and why.startswith("A0 (")
+    own_bench = tmp_path / "receipts.jsonl"
+    own_bench.write_text('{"receipt": 2}\n', encoding="utf-8")
+    captions, why = study_baseline_captions(dataclasses.replace(cfg, bench_file=str(own_bench)))
+    assert captions is None and "bench_file: " in why and "receipts.jsonl" in why
+
+
+def test_no_baseline_is_a_clear_error(tmp_path, study_files):
     run = make_run(tmp_path / "C2")
     with pytest.raises(LoraKitError, match="no guardrail baseline") as info:
-        baseline_record(run, tmp_path)
+        baseline_record(run, tmp_path, params=params_of(*study_files))
     assert "params/A0.yaml" in str(info.value) and "step 0" in str(info.value)
 
 

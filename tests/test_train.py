@@ -24,7 +24,11 @@ def tiny_params(toy_ckpt: Path, world: Path, tmp_path: Path, **extra) -> Path:
         "spotcheck_file": str(world / "spotcheck.jsonl"), "terms_file": str(world / "terms.json"),
         "max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1,
         "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8, "eval_max_samples": 4,
-        "exact_match_samples": 4, "max_new_tokens": 6, "max_length": 256, "learning_rate": 5e-3, "vit_lr": 5e-3, "crop_jitter_k": 2,
+        "exact_match_samples": 4, "max_new_tokens": 6, "max_length": 256, "learning_rate": 5e-3, "vit_lr": 5e-3,
+        "crop_jitter_k": 2,
+        # the random toy passes few irrelevant images: the default 0.8 minimum could not hold from step 0 and a
+        # trained run would be refused (test_a_guardrail_that_cannot_hold_...); the relative drop still applies
+        "irrelevant_min": 0.0,
         "output_dir": str(tmp_path / "runs"), **extra,
     }
     path = tmp_path / "tiny.yaml"
@@ -115,33 +119,47 @@ def test_cli_a0_is_an_evaluation_only_baseline(toy_ckpt, mini_world, tmp_path):
     assert again.returncode == 2 and "overwrite: true" in again.stderr
 
 
-def test_a_guardrail_that_must_fire_stops_the_run_at_the_second_bad_evaluation(toy_ckpt, mini_world, tmp_path):
-    """irrelevant_min 1.0: a random toy never answers every screenshot with the label, so each evaluation
-    after step 0 is bad and the trigger fires at the second one (step 4), never the first (step 2)."""
-    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=12, irrelevant_min=1.0, variant="G1",
+def test_a_guardrail_that_cannot_hold_is_refused_before_training(toy_ckpt, mini_world, tmp_path):
+    """Issue 17 case 10: irrelevant_min 1.0, and a random toy that never answers a screenshot with the label
+    (0/4 at step 0): every evaluation would count as a drop and the run would stop at its second one. The kit
+    says so at step 0, names the parameter and the fix, and trains nothing."""
+    from lora_kit.config import load_config
+    from lora_kit.errors import ConfigError
+    from lora_kit.rundir import RunFolder
+    from lora_kit.train import train
+
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=6, irrelevant_min=1.0, variant="G1",
                          llm_last=2, vit_last=0)
-    proc = subprocess.run([sys.executable, "-m", "lora_kit", "train", "-f", str(params)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "runs" / "G1"
+    with pytest.raises(ConfigError, match=r"irrelevant_drop under the general prompt cannot hold: the baseline already "
+                                          r"passes only 0/4 .*"
+                                          r"below irrelevant_min = 1.*Fix: set irrelevant_min below.*early_stopping"):
+        train(load_config([params]), log=lambda *_: None)
+    run = RunFolder(tmp_path / "runs" / "G1")
+    assert [m["step"] for m in run.read_metrics()] == [0] and not (run.path / "checkpoints").exists()
+    assert run.status() == "failed" and "irrelevant_min" in run.summary()["error"]
+
+
+def test_a_run_that_reaches_its_last_step_is_completed_with_the_triggers_it_recorded(toy_ckpt, mini_world, tmp_path):
+    """Issue 17 case 10: with early_stopping false the same unholdable guardrail only warns; the run trains to
+    its last step, so it is completed (not stopped_early), and every trigger it recorded is listed."""
+    from lora_kit.config import load_config
+    from lora_kit.train import train
+
+    said = []
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=6, irrelevant_min=1.0, variant="G2",
+                         llm_last=2, vit_last=0, early_stopping=False)
+    run = train(load_config([params]), log=said.append)
     summary = json.loads((run / "summary.json").read_text())
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [0, 2, 4]
-    assert all(m["probes"]["general"]["irrelevant_pass"]["rate"] < 1.0 for m in metrics)
-    assert summary["status"] == "stopped_early" and summary["stop_reason"] == "irrelevant_drop"
-    assert summary["stop_step"] == 4 and summary["steps"] == 4
-    # best checkpoint: the lowest eval loss among checkpoints within the margins of the baseline
-    base = metrics[0]["probes"]
-    feasible = [m for m in metrics if m["checkpoint"] and all(
-        m["probes"][p]["irrelevant_pass"]["rate"] >= base[p]["irrelevant_pass"]["rate"] - 0.10
-        and m["probes"][p]["hallucination"]["rate"] <= base[p]["hallucination"]["rate"] + 0.10 for p in base)]
-    best = summary["best"]
-    if feasible:
-        expected = min(feasible, key=lambda m: (m["eval_loss"], m["step"]))
-        assert best["step"] == expected["step"] and best["checkpoint"] == expected["checkpoint"]
-        assert (run / best["checkpoint"] / "adapter_model.safetensors").is_file()
-    else:
-        assert best["checkpoint"] is None and "no checkpoint" in best["reason"]
+    assert [m["step"] for m in metrics] == [0, 2, 4, 6] and summary["steps"] == 6
+    assert summary["status"] == "completed" and summary["stop_reason"] is None and summary["stop_step"] is None
+    # bad at every evaluation (< 100%); patience 2: the trigger holds from the second bad one on
+    assert all(m["probes"][p]["irrelevant_pass"]["rate"] < 1.0 for m in metrics for p in ("general", "task"))
+    assert [(t["name"], t["step"]) for t in summary["triggers"] if t["name"] == "irrelevant_drop"] == \
+        [("irrelevant_drop", 4), ("irrelevant_drop", 4), ("irrelevant_drop", 6), ("irrelevant_drop", 6)]
+    problems = [p for p in summary["guardrail_problems"] if p["guardrail"] == "irrelevant_drop"]
+    assert [(p["probe"], p["problem"]) for p in problems] == [("general", "cannot_hold"), ("task", "cannot_hold")]
+    assert any(line.startswith("WARNING G2: irrelevant_drop under the task prompt cannot hold") for line in said)
 
 
 def test_evaluate_cli_scores_an_adapter_folder(toy_ckpt, mini_world, tmp_path):
@@ -256,3 +274,33 @@ def test_step0_is_taken_from_a0_only_when_it_is_the_same_evaluation(toy_ckpt, mi
         assert own[key] == pytest.approx(base[key], rel=1e-4), key
     # and A1 still trained and was evaluated after step 0
     assert [json.loads(line)["step"] for line in (a1 / "metrics.jsonl").read_text().splitlines()] == [0, 2]
+    # the guardrail baseline follows the same rule (issue 17 case 7): A0's for A1, A1b's own step 0, and why
+    baseline = lambda run: json.loads((run / "summary.json").read_text())["baseline_source"]  # noqa: E731
+    assert baseline(a1).startswith(f"A0 ({a0}): the same model, data files")
+    assert baseline(a1b).startswith("own step 0 (A0 at") and "max_new_tokens: 6 vs 5" in baseline(a1b)
+
+
+def test_a_run_on_other_data_takes_its_own_baseline_not_a0s(toy_ckpt, mini_world, tmp_path):
+    """Issue 17 case 7: a run on the user's own benchmark beside the toy study's completed A0 took A0's
+    baseline (its pass rate and eval loss) for guardrails measured on another benchmark."""
+    from lora_kit.config import load_config
+    from lora_kit.rundir import RunFolder
+    from lora_kit.train import train
+
+    rows = [json.loads(line) for line in (mini_world / "bench.jsonl").read_text(encoding="utf-8").splitlines()]
+    own_bench = tmp_path / "receipts_bench.jsonl"  # another benchmark: the OOD rows only, image paths absolute
+    own_bench.write_text("".join(json.dumps({**r, "images": [str(mini_world / p) for p in r["images"]]},
+                                            ensure_ascii=False) + "\n" for r in rows if r.get("kind") == "ood"),
+                         encoding="utf-8")
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2)
+    quiet = lambda *_: None  # noqa: E731
+    a0 = train(load_config([params, REPO_ROOT / "params" / "A0.yaml"]), log=quiet)
+    run = RunFolder(train(load_config([params, REPO_ROOT / "params" / "A1.yaml"], {"bench_file": str(own_bench)}),
+                          log=quiet))
+    summary, own = run.summary(), run.read_metrics()[0]
+    assert "copied_from" not in own and own["irrelevant_pass"]["n"] == 0  # no irrelevant rows in this benchmark
+    assert summary["baseline"]["irrelevant_pass"] == own["irrelevant_pass"]
+    assert summary["baseline"]["eval_loss"] == own["eval_loss"]
+    assert summary["baseline_source"].startswith(f"own step 0 (A0 at {a0} ran another setup")
+    assert "bench_file: " in summary["baseline_source"]
+    assert {p["guardrail"]: p["problem"] for p in summary["guardrail_problems"]}["irrelevant_drop"] == "cannot_fire"
