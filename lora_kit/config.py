@@ -87,7 +87,9 @@ class RunConfig:
     spotcheck_file: str | None = None
     """Images and prompts for the manual caption spot-check; null = the toy world's."""
     terms_file: str | None = None
-    """Domain terms (one per line) the in-domain metrics look for; null = the toy world's."""
+    """Domain terms the in-domain metrics look for: a UTF-8 JSON file {"colours": [...], "shapes":
+    [...]}; an object is a colour then a shape (红色圆形). Put your domain's terms in the two lists.
+    null = the toy world's terms.json."""
     irrelevant_label: str = "无关图片"
     """The answer expected for an irrelevant image (compared after NFKC/punctuation normalisation)."""
     max_length: int = 2048
@@ -776,7 +778,39 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
         if c[name] is not None and not _is_file(Path(c[name])):
             bad([name], "an existing file (relative paths start at the current folder)",
                 f"check the path, or set {name}: null for the toy world's file")
+        elif c[name] is not None:  # its format, cheaply: the whole file is read before the model loads
+            problem = _file_format_problem(name, Path(c[name]))
+            if problem:
+                bad([name], problem, f"give {name} a file in that format, or {name}: null for the toy world's")
     return out
+
+
+def _file_format_problem(name: str, path: Path) -> str | None:
+    """What is wrong with the format of a data file parameter (None if nothing): terms_file is read whole,
+    a chat JSONL file up to its first record (every line is checked before the model loads)."""
+    from lora_kit.errors import DataError
+    from lora_kit.scoring import TERMS_FORMAT, load_terms
+
+    if name == "terms_file":
+        try:
+            load_terms(path)
+        except DataError as e:
+            return f"{TERMS_FORMAT} ({_one_line(e)})"
+        return None
+    number = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                number += 1
+                if line.strip():
+                    row = json.loads(line)
+                    if isinstance(row, dict) and "messages" in row:
+                        return None
+                    return (f"chat JSONL, one {{\"messages\": [...], \"images\": [...]}} object per line "
+                            f"({_display(path)}:{number} holds {_show(row, 60)})")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"chat JSONL, one JSON object per line ({_display(path)}:{max(number, 1)}: {_one_line(e)})"
+    return f"chat JSONL with at least one sample ({_display(path)} is empty)"
 
 
 # ------------------------------------------------------------------------------------------------
