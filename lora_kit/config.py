@@ -257,6 +257,13 @@ def derive_variant(llm_last: int, vit_last: int) -> str:
 # Not part of a run's identity: where it is written and whether an old one is replaced.
 _NOT_HASHED = ("output_dir", "overwrite")
 
+# What a resumed run may change against its params.json (inputs.resume_decision refuses any other change):
+# where the runs folder is and whether to start over, and how often the training loss is logged. Every
+# other parameter shapes the checkpoint (ranks, targets, modules_to_save), the optimizer (learning rates,
+# decay), the data (files, batch, packing, processes), the schedule (steps, warmup) or what the metrics and
+# guardrails measure and decide, so changing it midway would leave one run made of two.
+RESUME_SAFE = ("output_dir", "overwrite", "logging_steps")
+
 
 def config_hash(cfg: RunConfig) -> str:
     """Stable 12-hex-digit hash of the resolved parameters (all but output_dir and overwrite).

@@ -157,7 +157,8 @@ class RunFolder:
 
     # -- life cycle
     def claim(self, *, overwrite: bool = False) -> None:
-        """Take the folder for this process: refuse a completed run (unless overwrite) and a live writer."""
+        """Take the folder for this process: refuse a completed run (unless overwrite) and a live writer.
+        With overwrite, whatever the folder held (a finished, failed or interrupted run) is removed first."""
         self.path.mkdir(parents=True, exist_ok=True)
         status = self.status()
         if status in ("completed", "stopped_early") and not overwrite:
@@ -175,7 +176,7 @@ class RunFolder:
         with os.fdopen(fd, "w") as f:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
         self._claimed = True
-        if status in ("completed", "stopped_early") and overwrite:
+        if overwrite:  # start over: an unfinished run's checkpoints and metrics must not be resumed either
             for child in self.path.iterdir():
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -210,6 +211,22 @@ class RunFolder:
     # -- files
     def write_params(self, params: dict) -> None:
         write_json_atomic(self.path / "params.json", params)
+
+    def read_params(self) -> dict | None:
+        """params.json of the run (None when the folder has none yet); a damaged one is a LoraKitError."""
+        path = self.path / "params.json"
+        if not path.is_file():
+            return None
+        try:
+            params = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise LoraKitError(f"{path} cannot be read ({e}); the kit replaces it only atomically, so it was "
+                               "edited or damaged. Fix: repair it, or set overwrite: true to start the run over.") \
+                from None
+        if not isinstance(params, dict):
+            raise LoraKitError(f"{path} holds a JSON {type(params).__name__}, not the run's parameters. Fix: set "
+                               "overwrite: true to start the run over.")
+        return params
 
     def read_metrics(self) -> list[dict]:
         """Metrics of evaluations that a resume keeps: those up to the last checkpoint (or step 0)."""

@@ -443,9 +443,9 @@ def _asking(sample: Sample, prompt: str) -> Sample:
 def load_column(column: Column, *, device: str | None = None):
     """(model, encoder) of a column: the run's start model (evaluate.start_model) plus the checkpoint's adapter."""
     import torch
-    from peft import PeftModel
     from transformers import AutoProcessor
 
+    from .adapters import load_adapter
     from .data import Encoder
     from .evaluate import start_model
 
@@ -459,7 +459,7 @@ def load_column(column: Column, *, device: str | None = None):
         model = start_model(run.model_path, run.init_adapter, dtype=dtype, trust_remote_code=trust,
                             continued=column.path is not None and run.adapter == "continued")
         if column.path is not None:
-            model = PeftModel.from_pretrained(model, column.path)
+            model = load_adapter(model, column.path, what=f"checkpoint of {column.run.path.name}")
     processor = AutoProcessor.from_pretrained(run.model_path, trust_remote_code=trust)
     return model.to(device).eval(), Encoder(processor, int(run.config.get("max_length", 2048)))
 
