@@ -70,7 +70,9 @@ class RunConfig:
     `none`. `toy` makes runs on the toy model show something in minutes on a CPU and is refused for
     a real model folder."""
     init_adapter: str | None = None
-    """peft adapter folder (with adapter_config.json) to start LoRA from; null = fresh LoRA."""
+    """peft adapter folder (adapter_config.json, adapter_model.safetensors) to start LoRA from; null =
+    fresh LoRA. Every tensor must fit a module of the model (the pre-transformers-4.52 Qwen-VL layout is
+    mapped); it is trained further when it adapts exactly the variant's modules, else merged first."""
     trust_remote_code: bool = False
     """Passed to from_pretrained; only for model folders whose code you have read."""
 
@@ -114,8 +116,10 @@ class RunConfig:
     lora_dropout: float = 0.1
     """Dropout on the LoRA input, in [0, 1)."""
     modules_to_save: tuple[str, ...] = ()
-    """Modules trained in full and saved with the adapter, e.g. [merger] for the vision aligner
-    (needs freeze_aligner false)."""
+    """Modules trained in full and saved with the adapter, each a full module name or a dotted suffix of
+    one (merger is model.visual.merger; a module list such as deepstack_merger_list stands for its
+    members). The aligner needs freeze_aligner false and trains at aligner_lr; lm_head trains at
+    learning_rate. A name that matches nothing is refused with the choices."""
     freeze_llm: bool = False
     """Assert the LLM tower stays frozen: true requires llm_last 0 (a guard for variant files)."""
     freeze_vit: bool = False
@@ -199,7 +203,8 @@ class RunConfig:
     """Folder holding one run folder per variant. null: <outputs>/runs, where <outputs> is the repo's
     outputs/ (or $LORA_KIT_OUTPUTS). A relative path is relative to the current folder."""
     overwrite: bool = False
-    """Replace an existing run folder of the same variant instead of refusing to start."""
+    """Replace an existing run folder of the same variant (a finished run, or an unfinished one that
+    would otherwise be resumed) instead of refusing to start or resuming it."""
     nproc: int = 1
     """Processes (one per GPU) that train this run data-parallel. Above 1, `python -m lora_kit train` and
     train.ipynb start torchrun with that many; under torchrun or accelerate launch the launcher decides
@@ -762,10 +767,17 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
         bad(["model"], f"toy, toy-stage2 or a Hugging Face model folder ({found})",
             "give the folder holding config.json and the weights, or model: toy")
     adapter = c["init_adapter"]
-    if adapter is not None and not _is_file(Path(adapter) / "adapter_config.json"):
-        found = "a folder without adapter_config.json" if _is_dir(Path(adapter)) else "no such folder"
-        bad(["init_adapter"], f"a peft adapter folder ({found})",
-            "give a folder saved by peft (e.g. a run's checkpoints/<step>), or init_adapter: null")
+    if adapter is not None:
+        # the folder's files here; whether its weights fit the model is checked on the meta model (adapters.py)
+        files = ("adapter_config.json", "adapter_model.safetensors")
+        lacking = [f for f in files if not _is_file(Path(adapter) / f)]
+        if not _is_dir(Path(adapter)) or lacking:
+            found = f"a folder without {' and '.join(lacking)}" if _is_dir(Path(adapter)) else "no such folder"
+            bad(["init_adapter"], f"a peft adapter folder with {' and '.join(files)} ({found})",
+                "give a folder saved by peft (e.g. a run's checkpoints/<step>), or init_adapter: null")
+        elif not isinstance(_read_json(Path(adapter) / "adapter_config.json"), dict):
+            bad(["init_adapter"], "a peft adapter folder whose adapter_config.json is a JSON object",
+                "give a folder saved by peft, or init_adapter: null")
     if c["deepspeed"] is not None:
         stage = _zero_stage(Path(c["deepspeed"]))
         if stage is None:

@@ -53,7 +53,7 @@ class Run:
     variant: str
     model_path: str
     init_adapter: str | None
-    adapter: str  # how train.py attached LoRA: "new", "continued", "merged init_adapter, new LoRA", "none"
+    adapter: str  # how train.py attached LoRA (inputs.adapter_how): "new", "continued", "merged init_adapter, new LoRA", ...
     config: dict = field(compare=False)  # the resolved RunConfig as a dict
 
     @classmethod

@@ -479,7 +479,7 @@ def targets_report(model: str, llm_last: int, vit_last: int, *, rank: int = 16, 
     from .toy import resolve_model
 
     towers = find_towers(meta_model(resolve_model(model, weights=False), trust_remote_code))
-    plan = plan_from_regex(towers, regex) if regex else plan_targets(towers, llm_last, vit_last)
+    plan = plan_for(towers, llm_last, vit_last, regex)
     if fmt == "json":
         return json.dumps(plan_json(plan, towers, rank), indent=2)
     if fmt == "swift":

@@ -160,6 +160,8 @@ def test_model_folders(tmp_path):
 def test_init_adapter_and_data_files_that_exist(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    assert "without adapter_model.safetensors" in config_error([], {"init_adapter": str(tmp_path / "adapter")})
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
     data = write(tmp_path, '{"messages": []}\n', "train.jsonl")
     cfg = load_config([], {"init_adapter": str(tmp_path / "adapter"), "train_file": str(data)})
     assert cfg.train_file == str(data)
