@@ -38,18 +38,14 @@ from .targeting import TargetPlan, Towers, resolve_modules_to_save, tower_of_mod
 
 # ---------------------------------------------------------------- the pieces
 
-def load_base(cfg: RunConfig, path: Path | None = None):
-    """Processor and model through the generic Hugging Face path (toy or a real folder), CPU or GPU."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_model(path: Path, cfg: RunConfig):
+    """The model's weights through the generic Hugging Face path (toy or a real folder), on CPU or GPU."""
+    from transformers import AutoModelForImageTextToText
 
-    from .toy import resolve_model
-
-    path = path or resolve_model(cfg.model)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=compute_dtype(),
                                                         trust_remote_code=cfg.trust_remote_code)
     # On the GPU before the step-0 evaluation (the Trainer would move it only later, at its creation)
-    return path, processor, model.to(compute_device())
+    return model.to(compute_device())
 
 
 def attach_lora(model, plan: TargetPlan, towers: Towers, cfg: RunConfig,
@@ -364,7 +360,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     ranks.on_rank0(run.claim, overwrite=cfg.overwrite)  # refuses a completed run or a live second process
     try:
         set_seed(cfg.seed)
-        model_path, processor, model = load_base(cfg, inputs.model_path)
+        model_path, processor = inputs.model_path, inputs.processor
+        model = load_model(model_path, cfg)
         model, adapter_how = attach_lora(model, plan, towers, cfg, inputs.modules_to_save)
         groups = optimizer_groups(model, towers, cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
