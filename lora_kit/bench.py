@@ -125,13 +125,13 @@ def load_lora_model(model_path: Path, cfg: RunConfig, plain: bool):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, set_seed
 
-    from .targeting import find_towers, plan_targets
+    from .targeting import find_towers, plan_for
     from .train import attach_lora
 
     set_seed(cfg.seed)
     model = AutoModelForImageTextToText.from_pretrained(model_path)
     towers = find_towers(model)
-    plan = plan_targets(towers, cfg.llm_last, cfg.vit_last)
+    plan = plan_for(towers, cfg.llm_last, cfg.vit_last, cfg.target_regex)
     if plain:
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=plan.regex))

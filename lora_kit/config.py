@@ -75,7 +75,9 @@ class RunConfig:
     `none`. `toy` makes runs on the toy model show something in minutes on a CPU and is refused for
     a real model folder."""
     init_adapter: str | None = None
-    """peft adapter folder (with adapter_config.json) to start LoRA from; null = fresh LoRA."""
+    """peft adapter folder (adapter_config.json, adapter_model.safetensors) to start LoRA from; null =
+    fresh LoRA. Every tensor must fit a module of the model (the pre-transformers-4.52 Qwen-VL layout is
+    mapped); it is trained further when it adapts exactly the variant's modules, else merged first."""
     trust_remote_code: bool = False
     """Passed to from_pretrained; only for model folders whose code you have read."""
 
@@ -92,7 +94,9 @@ class RunConfig:
     spotcheck_file: str | None = None
     """Images and prompts for the manual caption spot-check; null = the toy world's."""
     terms_file: str | None = None
-    """Domain terms (one per line) the in-domain metrics look for; null = the toy world's."""
+    """Domain terms the in-domain metrics look for: a UTF-8 JSON file {"colours": [...], "shapes":
+    [...]}; an object is a colour then a shape (红色圆形). Put your domain's terms in the two lists.
+    null = the toy world's terms.json."""
     irrelevant_label: str = "无关图片"
     """The answer expected for an irrelevant image (compared after NFKC/punctuation normalisation)."""
     max_length: int = 2048
@@ -127,8 +131,10 @@ class RunConfig:
     lora_dropout: float = 0.1
     """Dropout on the LoRA input, in [0, 1)."""
     modules_to_save: tuple[str, ...] = ()
-    """Modules trained in full and saved with the adapter, e.g. [merger] for the vision aligner
-    (needs freeze_aligner false)."""
+    """Modules trained in full and saved with the adapter, each a full module name or a dotted suffix of
+    one (merger is model.visual.merger; a module list such as deepstack_merger_list stands for its
+    members). The aligner needs freeze_aligner false and trains at aligner_lr; lm_head trains at
+    learning_rate. A name that matches nothing is refused with the choices."""
     freeze_llm: bool = False
     """Assert the LLM tower stays frozen: true requires llm_last 0 (a guard for variant files)."""
     freeze_vit: bool = False
@@ -228,7 +234,8 @@ class RunConfig:
     """Folder holding one run folder per variant. null: <outputs>/runs, where <outputs> is the repo's
     outputs/ (or $LORA_KIT_OUTPUTS). A relative path is relative to the current folder."""
     overwrite: bool = False
-    """Replace an existing run folder of the same variant instead of refusing to start."""
+    """Replace an existing run folder of the same variant (a finished run, or an unfinished one that
+    would otherwise be resumed) instead of refusing to start or resuming it."""
     nproc: int = 1
     """Processes (one per GPU) that train this run data-parallel. Above 1, `python -m lora_kit train` and
     train.ipynb start torchrun with that many; under torchrun or accelerate launch the launcher decides
@@ -285,6 +292,13 @@ def derive_variant(llm_last: int, vit_last: int) -> str:
 
 # Not part of a run's identity: where it is written and whether an old one is replaced.
 _NOT_HASHED = ("output_dir", "overwrite")
+
+# What a resumed run may change against its params.json (inputs.resume_decision refuses any other change):
+# where the runs folder is and whether to start over, and how often the training loss is logged. Every
+# other parameter shapes the checkpoint (ranks, targets, modules_to_save), the optimizer (learning rates,
+# decay), the data (files, batch, packing, processes), the schedule (steps, warmup) or what the metrics and
+# guardrails measure and decide, so changing it midway would leave one run made of two.
+RESUME_SAFE = ("output_dir", "overwrite", "logging_steps")
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -792,10 +806,17 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
         bad(["model"], f"{', '.join(TOY_MODELS)} or a Hugging Face model folder ({found})",
             "give the folder holding config.json and the weights, or model: toy")
     adapter = c["init_adapter"]
-    if adapter is not None and not _is_file(Path(adapter) / "adapter_config.json"):
-        found = "a folder without adapter_config.json" if _is_dir(Path(adapter)) else "no such folder"
-        bad(["init_adapter"], f"a peft adapter folder ({found})",
-            "give a folder saved by peft (e.g. a run's checkpoints/<step>), or init_adapter: null")
+    if adapter is not None:
+        # the folder's files here; whether its weights fit the model is checked on the meta model (adapters.py)
+        files = ("adapter_config.json", "adapter_model.safetensors")
+        lacking = [f for f in files if not _is_file(Path(adapter) / f)]
+        if not _is_dir(Path(adapter)) or lacking:
+            found = f"a folder without {' and '.join(lacking)}" if _is_dir(Path(adapter)) else "no such folder"
+            bad(["init_adapter"], f"a peft adapter folder with {' and '.join(files)} ({found})",
+                "give a folder saved by peft (e.g. a run's checkpoints/<step>), or init_adapter: null")
+        elif not isinstance(_read_json(Path(adapter) / "adapter_config.json"), dict):
+            bad(["init_adapter"], "a peft adapter folder whose adapter_config.json is a JSON object",
+                "give a folder saved by peft, or init_adapter: null")
     if c["deepspeed"] is not None:
         stage = _zero_stage(Path(c["deepspeed"]))
         if stage is None:
@@ -815,7 +836,39 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
         if c[name] is not None and not _is_file(Path(c[name])):
             bad([name], "an existing file (relative paths start at the current folder)",
                 f"check the path, or set {name}: null for the toy world's file")
+        elif c[name] is not None:  # its format, cheaply: the whole file is read before the model loads
+            problem = _file_format_problem(name, Path(c[name]))
+            if problem:
+                bad([name], problem, f"give {name} a file in that format, or {name}: null for the toy world's")
     return out
+
+
+def _file_format_problem(name: str, path: Path) -> str | None:
+    """What is wrong with the format of a data file parameter (None if nothing): terms_file is read whole,
+    a chat JSONL file up to its first record (every line is checked before the model loads)."""
+    from lora_kit.errors import DataError
+    from lora_kit.scoring import TERMS_FORMAT, load_terms
+
+    if name == "terms_file":
+        try:
+            load_terms(path)
+        except DataError as e:
+            return f"{TERMS_FORMAT} ({_one_line(e)})"
+        return None
+    number = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                number += 1
+                if line.strip():
+                    row = json.loads(line)
+                    if isinstance(row, dict) and "messages" in row:
+                        return None
+                    return (f"chat JSONL, one {{\"messages\": [...], \"images\": [...]}} object per line "
+                            f"({_display(path)}:{number} holds {_show(row, 60)})")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"chat JSONL, one JSON object per line ({_display(path)}:{max(number, 1)}: {_one_line(e)})"
+    return f"chat JSONL with at least one sample ({_display(path)} is empty)"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from .errors import DataError
 IMAGE_MARK = "<image>"
 IGNORE_INDEX = -100  # label value the loss ignores
 ROLES = {"system", "user", "assistant"}
+IMAGE_ROLES = {"system", "user"}  # turns that may hold <image>: the model sees images, it never writes them
 
 
 @dataclass
@@ -59,6 +60,11 @@ def _check_row(row: Any, where: str, folder: Path, need_assistant: bool) -> Samp
     images = row.get("images", [])
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise DataError(f"{where}: 'images' must be a list of image paths (strings).")
+    for i, m in enumerate(messages):
+        if m["role"] not in IMAGE_ROLES and IMAGE_MARK in m["content"]:
+            raise DataError(f"{where}: messages[{i}] is an {m['role']} turn holding '{IMAGE_MARK}'; images go in "
+                            f"{' or '.join(sorted(IMAGE_ROLES))} turns only (an answer is text the model learns to "
+                            "write). Fix: move the <image> mark to the user turn.")
     marks = sum(m["content"].count(IMAGE_MARK) for m in messages)
     if marks != len(images):
         raise DataError(f"{where}: the messages hold {marks} '{IMAGE_MARK}' marks but 'images' lists {len(images)} "
@@ -146,6 +152,13 @@ class Encoder:
         self.vision_placeholder = self.family.placeholder(processor)
         self.image_token_id = processor.image_token_id
         self.resolution = image_resolution(processor, min_pixels, max_pixels)
+        # The vision placeholders (start, image pads, end, and video pads): input the model is shown, never
+        # a target, whatever turn they sit in.
+        placeholders = [self.family.vision_start, processor.image_token, self.family.vision_end,
+                        getattr(processor, "video_token", None)]
+        self.placeholder_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in placeholders if t}
+        # Special tokens written literally in a message would be read as chat or image structure.
+        self.special_tokens = [t for t in self.tokenizer.all_special_tokens + placeholders if t and len(t) > 1]
 
     @classmethod
     def for_run(cls, processor, params, family=None) -> "Encoder":
@@ -189,8 +202,20 @@ class Encoder:
                 pos += len(self.image_pad)
         return ids, offsets
 
+    def check_text(self, sample: Sample) -> None:
+        """DataError (file:line) for a message that writes one of the tokenizer's special tokens literally:
+        the chat template would read it as a turn boundary or an image placeholder."""
+        for i, m in enumerate(sample.messages):
+            written = [t for t in self.special_tokens if t in m["content"]]
+            if written:
+                raise DataError(f"{sample.source}: messages[{i}] ({m['role']}) writes the special token(s) "
+                                f"{', '.join(sorted(set(written)))} as text; the template would read them as chat "
+                                "or image structure. Fix: mark images with <image> and remove the other tokens.")
+
     def encode(self, sample: Sample, augment=None) -> Encoded:
-        """Ids and labels of the whole conversation; only assistant turns (and their end token) are supervised."""
+        """Ids and labels of the whole conversation; only assistant turns (and their end token) are supervised,
+        never a vision placeholder token."""
+        self.check_text(sample)
         text = self._chat(sample.messages)
         spans = []
         for i, m in enumerate(sample.messages):
@@ -206,7 +231,7 @@ class Encoder:
         images = load_images(sample)
         pixel_values, grid = self.pixels(images, augment)
         ids, offsets = self._tokenize(text, grid)
-        labels = [tok if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+        labels = [tok if any(a <= s < b for a, b in spans) and tok not in self.placeholder_ids else IGNORE_INDEX
                   for tok, (s, _) in zip(ids, offsets)]
         if len(ids) > self.max_length:
             raise DataError(self._too_long(sample.source, len(ids), images, grid))
@@ -257,6 +282,7 @@ class Encoder:
     def encode_prompt(self, sample: Sample, augment=None) -> Encoded:
         """The conversation up to (not including) its final assistant turn, ending with the generation prompt."""
         messages = sample.messages[:-1] if sample.messages[-1]["role"] == "assistant" else sample.messages
+        self.check_text(sample)
         text = self._chat(messages, add_generation_prompt=True)
         pixel_values, grid = self.pixels(load_images(sample), augment)
         ids, _ = self._tokenize(text, grid)

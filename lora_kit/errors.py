@@ -15,3 +15,7 @@ class TargetingError(LoraKitError, ValueError):
 
 class DataError(LoraKitError, ValueError):
     """A data file or sample that cannot be used; names the file and line."""
+
+
+class AdapterError(LoraKitError, ValueError):
+    """A peft adapter that would not load what it holds into this model; names the folder and the keys."""

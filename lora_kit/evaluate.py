@@ -336,9 +336,9 @@ def start_model(base_path: str | Path, init_adapter: str | Path | None = None, *
     family_of_folder(base_path, trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(base_path, dtype=dtype, trust_remote_code=trust_remote_code)
     if init_adapter and not continued:
-        from peft import PeftModel
+        from .adapters import load_adapter
 
-        model = PeftModel.from_pretrained(model, init_adapter).merge_and_unload()
+        model = load_adapter(model, init_adapter, what="init_adapter").merge_and_unload()
     return model
 
 
@@ -397,9 +397,9 @@ def load_for_evaluation(checkpoint: str | Path, *, base: str | None, default_mod
             continued = bool(init_adapter) and _same_targets(checkpoint, Path(init_adapter))
         model = start_model(base_path, init_adapter, continued=continued, dtype=compute_dtype(),
                             trust_remote_code=trust_remote_code)
-        from peft import PeftModel
+        from .adapters import load_adapter
 
-        model = PeftModel.from_pretrained(model, checkpoint)
+        model = load_adapter(model, checkpoint, what="checkpoint")
     elif (checkpoint / "config.json").is_file():
         base_path = checkpoint
         model = start_model(checkpoint, dtype=compute_dtype(), trust_remote_code=trust_remote_code)

@@ -157,7 +157,8 @@ class RunFolder:
 
     # -- life cycle
     def claim(self, *, overwrite: bool = False) -> None:
-        """Take the folder for this process: refuse a completed run (unless overwrite) and a live writer."""
+        """Take the folder for this process: refuse a completed run (unless overwrite) and a live writer.
+        With overwrite, whatever the folder held (a finished, failed or interrupted run) is removed first."""
         self.path.mkdir(parents=True, exist_ok=True)
         status = self.status()
         if status in ("completed", "stopped_early") and not overwrite:
@@ -175,7 +176,7 @@ class RunFolder:
         with os.fdopen(fd, "w") as f:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}, f)
         self._claimed = True
-        if status in ("completed", "stopped_early") and overwrite:
+        if overwrite:  # start over: an unfinished run's checkpoints and metrics must not be resumed either
             for child in self.path.iterdir():
                 if child.name != ".lock":
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
@@ -224,7 +225,7 @@ class RunFolder:
             data = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as err:
             raise DataError(f"{path} is not valid JSON ({err}); the kit writes it atomically, so it was edited or "
-                            "copied half-way: restore it, or delete the run folder and run the variant again") from None
+                            "copied half-way: restore it, or set overwrite: true (or delete the run folder) to start the run over") from None
         if not isinstance(data, dict):
             raise DataError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it, or delete the "
                             "run folder and run the variant again")

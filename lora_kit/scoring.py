@@ -139,6 +139,8 @@ def _check_terms(terms: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The (colours, shapes) of a terms dict, validated."""
     if not isinstance(terms, dict) or "colours" not in terms or "shapes" not in terms:
         raise ValueError(f'terms must be a dict {{"colours": [...], "shapes": [...]}}, got {terms!r}')
+    if not all(isinstance(terms[k], list) for k in ("colours", "shapes")):
+        raise ValueError(f'terms["colours"] and terms["shapes"] must be lists, got {terms!r}'[:200])
     colours, shapes = tuple(terms["colours"]), tuple(terms["shapes"])
     for key, words in (("colours", colours), ("shapes", shapes)):
         if not words or not all(isinstance(w, str) and w for w in words):
@@ -149,10 +151,31 @@ def _check_terms(terms: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return colours, shapes
 
 
+TERMS_FORMAT = 'a JSON object {"colours": [...], "shapes": [...]} of non-empty term lists'
+
+
 def load_terms(path: str | Path) -> dict:
-    """Read and validate a terms.json ``{"colours": [...], "shapes": [...]}``."""
-    terms = json.loads(Path(path).read_text(encoding="utf-8"))
-    colours, shapes = _check_terms(terms)
+    """Read and validate a terms file (terms_file): TERMS_FORMAT, UTF-8. A DataError names the file, and
+    the line where the JSON breaks."""
+    from .errors import DataError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"terms_file {str(path)!r} cannot be read as UTF-8 text ({e}); expected {TERMS_FORMAT}.") \
+            from None
+    try:
+        terms = json.loads(text)
+    except json.JSONDecodeError as e:
+        plain = "" if text.lstrip().startswith(("{", "[")) else (
+            ' (one term per line is not the format: write {"colours": ["红色", ...], "shapes": ["圆形", ...]})')
+        raise DataError(f"{path}:{e.lineno}: terms_file is not JSON ({e.msg} at column {e.colno}); expected "
+                        f"{TERMS_FORMAT}{plain}.") from None
+    try:
+        colours, shapes = _check_terms(terms)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: {e}; expected {TERMS_FORMAT}.") from None
     return {"colours": list(colours), "shapes": list(shapes)}
 
 

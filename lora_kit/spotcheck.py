@@ -53,7 +53,7 @@ class Run:
     variant: str
     model_path: str
     init_adapter: str | None
-    adapter: str  # how train.py attached LoRA: "new", "continued", "merged init_adapter, new LoRA", "none"
+    adapter: str  # how train.py attached LoRA (inputs.adapter_how): "new", "continued", "merged init_adapter, new LoRA", ...
     config: dict = field(compare=False)  # the resolved RunConfig as a dict
 
     @classmethod
@@ -443,8 +443,8 @@ def _asking(sample: Sample, prompt: str) -> Sample:
 def load_column(column: Column, *, device: str | None = None):
     """(model, encoder) of a column: the run's start model (evaluate.start_model) plus the checkpoint's adapter."""
     import torch
-    from peft import PeftModel
 
+    from .adapters import load_adapter
     from .data import Encoder
     from .evaluate import start_model
     from .families import folder_processor
@@ -459,7 +459,7 @@ def load_column(column: Column, *, device: str | None = None):
         model = start_model(run.model_path, run.init_adapter, dtype=dtype, trust_remote_code=trust,
                             continued=column.path is not None and run.adapter == "continued")
         if column.path is not None:
-            model = PeftModel.from_pretrained(model, column.path)
+            model = load_adapter(model, column.path, what=f"checkpoint of {column.run.path.name}")
     family, processor = folder_processor(run.model_path, run.model_path, trust)
     # the run's max_length and image size (min_pixels, max_pixels): its captions see what training saw
     return model.to(device).eval(), Encoder.for_run(processor, run.config, family)

@@ -26,6 +26,10 @@ class Towers:
     vit_blocks: list[str]      # e.g. model.visual.blocks.0 ...
     aligner: list[str]         # e.g. model.visual.merger, model.visual.deepstack_merger_list
     linears: dict[str, nn.Linear] = field(repr=False)  # every Linear of the model by full name
+    vit_root: str = ""         # the vision tower's module, e.g. model.visual (its patch embedding, blocks, aligner)
+    # every module's full name -> its class name: what peft matches target_modules and modules_to_save against
+    module_types: dict[str, str] = field(default_factory=dict, repr=False)
+    module_parameters: dict[str, int] = field(default_factory=dict, repr=False)  # name -> parameters it holds
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,22 @@ def find_towers(model: nn.Module) -> Towers:
         vit_blocks=[f"{vit_list}.{i}" for i in range(n_vit)],
         aligner=aligner,
         linears=linears,
+        vit_root=vit_root or "",
+        module_types={n: type(m).__name__ for n, m in modules.items() if n},
+        module_parameters=_parameters_per_module(model),
     )
+
+
+def _parameters_per_module(model: nn.Module) -> dict[str, int]:
+    """Parameters held by each module, its children's included. A tied weight counts in each module that
+    holds it (lm_head too): trained in full, peft gives each its own copy."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        parts = name.split(".")[:-1]
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            counts[prefix] = counts.get(prefix, 0) + p.numel()
+    return counts
 
 
 def _common_top(name: str, *roots: str) -> str:
@@ -173,7 +192,7 @@ def plan_targets(towers: Towers, llm_last: int, vit_last: int) -> TargetPlan:
         shapes={m: (towers.linears[m].in_features, towers.linears[m].out_features) for m in modules},
     )
     matched = regex_matches(towers, plan.regex) if plan.regex else []
-    if set(matched) != set(modules):  # the regex is derived, so check it says exactly the plan
+    if set(matched) != set(modules):  # the regex is derived, so check it says exactly the plan (to peft)
         raise AssertionError(f"internal: regex {plan.regex} does not match the plan exactly")
     return plan
 
@@ -210,9 +229,10 @@ def build_regex(towers: Towers, modules: list[str]) -> str | None:
 
 
 def regex_matches(towers: Towers, regex: str) -> list[str]:
-    """Linear modules peft would wrap for this regex (peft uses re.fullmatch on the full name)."""
+    """Every module peft would try to wrap for this regex: peft applies re.fullmatch to the full name of
+    every module (not only the Linear ones), in model order."""
     pattern = re.compile(regex)
-    return [name for name in towers.linears if pattern.fullmatch(name)]
+    return [name for name in (towers.module_types or towers.linears) if pattern.fullmatch(name)]
 
 
 def plan_from_regex(towers: Towers, regex: str) -> TargetPlan:
@@ -222,6 +242,8 @@ def plan_from_regex(towers: Towers, regex: str) -> TargetPlan:
     except re.error as e:
         raise TargetingError(f"target_regex={regex!r} is not a valid regular expression: {e}.") from None
     matched = regex_matches(towers, regex)
+    not_linear = [m for m in matched if m not in towers.linears]
+    matched = [m for m in matched if m in towers.linears]
     if not matched:
         # What the user most likely meant: the same pattern matched at the end of the full names.
         meant = [n for n in towers.linears if re.search(f"(?:{regex})$", n)]
@@ -247,6 +269,16 @@ def plan_from_regex(towers: Towers, regex: str) -> TargetPlan:
             f"target_regex={regex!r} matches {len(outside)} modules outside the decoder layers and vision blocks "
             f"(e.g. {', '.join(outside[:3])}); the aligner trains only through modules_to_save. "
             + (f"The anchored regex for the tower modules it matches is:\n  {fixed}" if fixed else ""))
+    if not_linear:
+        # peft wraps every module the regex fullmatches and refuses the kinds it cannot adapt ("Target module
+        # ... is not supported") only after the weights are loaded; the study instruments Linear layers only.
+        fixed = build_regex(towers, matched)  # all inside the towers by now
+        kinds = sorted({towers.module_types.get(m, "?") for m in not_linear})
+        raise TargetingError(
+            f"target_regex={regex!r} also matches {len(not_linear)} modules that are not Linear layers "
+            f"({', '.join(kinds)}; e.g. {', '.join(not_linear[:3])}): peft matches re.fullmatch against every "
+            f"module name and cannot adapt those. It matches {len(matched)} Linear modules"
+            + (f"; the regex for exactly those is:\n  {fixed}" if fixed else "."))
     index = {b: i for i, b in enumerate(towers.llm_layers)} | {b: i for i, b in enumerate(towers.vit_blocks)}
     layers = lambda blocks: sorted({index[b] for m in matched for b in blocks if _under(m, b)})  # noqa: E731
     llm_layers, vit_blocks = layers(towers.llm_layers), layers(towers.vit_blocks)
@@ -255,6 +287,101 @@ def plan_from_regex(towers: Towers, regex: str) -> TargetPlan:
         modules=matched, tower_of=tower_of, regex=regex,
         shapes={m: (towers.linears[m].in_features, towers.linears[m].out_features) for m in matched},
     )
+
+
+def plan_for(towers: Towers, llm_last: int, vit_last: int, target_regex: str | None = None) -> TargetPlan:
+    """A run's plan: from target_regex when given, else the last llm_last decoder layers and vit_last blocks."""
+    return plan_from_regex(towers, target_regex) if target_regex else plan_targets(towers, llm_last, vit_last)
+
+
+# ---------------------------------------------------------------- modules trained in full
+
+_CONTAINERS = ("ModuleList", "ModuleDict")  # no forward of their own: peft cannot wrap them (TypeError)
+
+
+def tower_of_module(towers: Towers, name: str) -> str:
+    """'aligner', 'vit' or 'llm' for a module or parameter name, as ms-swift's multimodal optimizer groups
+    them: the aligner, the rest of the vision tower, and everything else (decoder, embeddings, lm_head)."""
+    if any(_under(name, a) for a in towers.aligner):
+        return "aligner"
+    if (towers.vit_root and _under(name, towers.vit_root)) or any(_under(name, b) for b in towers.vit_blocks):
+        return "vit"
+    return "llm"
+
+
+def modules_to_save_choices(towers: Towers) -> list[str]:
+    """What modules_to_save usually names: the aligner's modules (a list's members one by one) and the
+    top-level heads that hold parameters (lm_head)."""
+    out = []
+    for a in towers.aligner:
+        out += _members(towers, a) if towers.module_types.get(a) in _CONTAINERS else [a]
+    out += [n for n in towers.module_types if "." not in n and towers.module_parameters.get(n)
+            and n not in {_top(b) for b in towers.llm_layers + towers.vit_blocks}]
+    return out
+
+
+def _top(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def _members(towers: Towers, container: str) -> list[str]:
+    return [n for n in towers.module_types if _parent(n) == container]
+
+
+def resolve_modules_to_save(towers: Towers, entries: tuple[str, ...] | list[str], plan: TargetPlan, *,
+                            freeze_llm: bool = False, freeze_vit: bool = False,
+                            freeze_aligner: bool = True) -> dict[str, str]:
+    """Each modules_to_save entry resolved to full module names -> tower ('llm', 'vit', 'aligner'), in model order.
+
+    An entry is a full module name or a dotted suffix of one (`merger` is model.visual.merger, never
+    deepstack_merger_list); a module list (deepstack_merger_list) stands for its members, since peft
+    can wrap only modules with a forward. Refused, all at once (TargetingError): an entry that matches
+    nothing (with the choices), a module without parameters, one that overlaps a LoRA-targeted module
+    (trained twice), and one in a tower its freeze_* parameter keeps frozen.
+    """
+    resolved: dict[str, str] = {}
+    problems: list[str] = []
+    frozen = {"llm": ("freeze_llm", freeze_llm), "vit": ("freeze_vit", freeze_vit),
+              "aligner": ("freeze_aligner", freeze_aligner)}
+    for entry in entries:
+        found = [n for n in towers.module_types if n == entry or n.endswith("." + entry)]
+        found = [n for n in found if not any(o != n and _under(n, o) for o in found)]  # the outermost
+        if not found:
+            import difflib
+
+            choices = modules_to_save_choices(towers)
+            last = {c.rsplit(".", 1)[-1]: c for c in choices}
+            close = sorted({c for c in choices if entry in c}
+                           | {last[w] for w in difflib.get_close_matches(entry.rsplit(".", 1)[-1], list(last), n=3)})
+            problems.append(f"{entry!r} matches no module of the model"
+                            + (f" (did you mean {', '.join(close)}?)" if close else "")
+                            + f"; choices: {', '.join(modules_to_save_choices(towers))}, or any module's full "
+                              "name or dotted suffix")
+            continue
+        for name in found:
+            members = _members(towers, name) if towers.module_types[name] in _CONTAINERS else [name]
+            for m in members:
+                if not towers.module_parameters.get(m):
+                    problems.append(f"{entry!r} -> {m} ({towers.module_types[m]}) holds no parameters to train")
+                    continue
+                lora = [p for p in plan.modules if _under(p, m) or _under(m, p)]
+                if lora:
+                    problems.append(f"{entry!r} -> {m} overlaps {len(lora)} LoRA-targeted modules (e.g. {lora[0]}); "
+                                    "a module trains through LoRA or in full, not both")
+                    continue
+                tower = tower_of_module(towers, m)
+                param, is_frozen = frozen[tower]
+                if is_frozen:
+                    problems.append(f"{entry!r} -> {m} is in the {tower} tower, which {param}: true keeps frozen "
+                                    f"(set {param}: false to train it)")
+                    continue
+                resolved[m] = tower
+    if problems:
+        raise TargetingError(f"modules_to_save = {list(entries)}:\n" + "\n".join(f"  - {p}" for p in problems)
+                             + "\nFix: name modules of the model (python -m lora_kit targets lists the aligner), "
+                               "or remove the entry.")
+    order = {n: i for i, n in enumerate(towers.module_types)}
+    return dict(sorted(resolved.items(), key=lambda kv: order[kv[0]]))
 
 
 # ---------------------------------------------------------------- verification after peft
@@ -270,16 +397,23 @@ def wrapped_modules(peft_model: nn.Module) -> list[str]:
     return names
 
 
-def verify_wrapped(peft_model: nn.Module, plan: TargetPlan) -> None:
-    """Raise unless the modules peft wrapped are exactly the planned ones."""
-    wrapped = set(wrapped_modules(peft_model))
-    planned = set(plan.modules)
-    if wrapped != planned:
-        missing, extra = sorted(planned - wrapped), sorted(wrapped - planned)
-        raise TargetingError(
-            f"peft wrapped {len(wrapped)} modules, the plan has {len(planned)}.\n"
-            f"  missing ({len(missing)}): {', '.join(missing[:10]) or '-'}\n"
-            f"  extra ({len(extra)}): {', '.join(extra[:10]) or '-'}")
+def verify_wrapped(peft_model: nn.Module, plan: TargetPlan, modules_to_save=None) -> None:
+    """Raise unless the modules peft wrapped with LoRA are exactly the planned ones and, when
+    `modules_to_save` (full names) is given, the modules it trains in full are exactly those."""
+    from peft.utils import ModulesToSaveWrapper
+
+    checks = [("wrapped", set(wrapped_modules(peft_model)), set(plan.modules), "the plan has")]
+    if modules_to_save is not None:
+        saved = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                 if isinstance(m, ModulesToSaveWrapper)}
+        checks.append(("trains in full", saved, set(modules_to_save), "modules_to_save resolves to"))
+    for what, done, asked, says in checks:
+        if done != asked:
+            missing, extra = sorted(asked - done), sorted(done - asked)
+            raise TargetingError(
+                f"peft {what} {len(done)} modules, {says} {len(asked)}.\n"
+                f"  missing ({len(missing)}): {', '.join(missing[:10]) or '-'}\n"
+                f"  extra ({len(extra)}): {', '.join(extra[:10]) or '-'}")
 
 
 # ---------------------------------------------------------------- models without weights
@@ -347,7 +481,7 @@ def targets_report(model: str, llm_last: int, vit_last: int, *, rank: int = 16, 
 
     meta = meta_model(resolve_model(model, weights=False), trust_remote_code)
     towers = find_towers(meta)
-    plan = plan_from_regex(towers, regex) if regex else plan_targets(towers, llm_last, vit_last)
+    plan = plan_for(towers, llm_last, vit_last, regex)
     trains = training_note(meta.config)
     if fmt == "json":
         return json.dumps(plan_json(plan, towers, rank) | {"training": trains}, indent=2)

@@ -23,76 +23,69 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import __version__, guardrails
 from .config import RunConfig
-from .augment import make_augment
 from .distributed import Ranks, init_ranks
-from .data import (AugmentedDataset, Encoded, Encoder, collate_padded, collate_rows, encode_all, pack_rows,
-                   read_jsonl, rope_index_fn)
+from .data import Encoded, Encoder, collate_padded, collate_rows, pack_rows, rope_index_fn
 from .device import compute_device, compute_dtype
 from .errors import ConfigError, LoraKitError
-from .families import family_of_config, load_processor
-from .evaluate import EvalSet, build_evalset, guardrail_record, samples_record, to_device
+from .evaluate import EvalSet, guardrail_record, samples_record, to_device
+from .inputs import data_files, resolve_inputs  # noqa: F401  (data_files: callers import it from here)
 from .metrics import METRICS, probe_metrics
 from .paths import REPO_ROOT, runs_dir
 from .prefix import FrozenPrefix, plan_prefix
 from .rundir import RunFolder
 from .setups import describe_setup
-from .targeting import TargetPlan, Towers, find_towers, plan_from_regex, plan_targets, verify_wrapped, wrapped_modules
+from .targeting import TargetPlan, Towers, resolve_modules_to_save, tower_of_module, verify_wrapped
 
 
 # ---------------------------------------------------------------- the pieces
 
-def load_base(cfg: RunConfig, processor=None):
-    """Processor and model through the generic Hugging Face path (toy or a real folder), CPU or GPU.
+def load_model(path: Path, cfg: RunConfig):
+    """The model's weights through the generic Hugging Face path (toy or a real folder), on CPU or GPU."""
+    from transformers import AutoModelForImageTextToText
 
-    The model's family is known and its processor checked against config.json before any weight is read
-    (`processor`: one already loaded and checked that way)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from .toy import resolve_model
-
-    path = resolve_model(cfg.model)
-    if processor is None:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        processor = load_processor(path, family_of_config(config, str(path)), config, cfg.trust_remote_code)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=compute_dtype(),
                                                         trust_remote_code=cfg.trust_remote_code)
     # On the GPU before the step-0 evaluation (the Trainer would move it only later, at its creation)
-    return path, processor, model.to(compute_device())
+    return model.to(compute_device())
 
 
-def attach_lora(model, plan: TargetPlan, towers: Towers, cfg: RunConfig):
-    """Wrap exactly the planned modules with LoRA (or continue an init_adapter), verified against the plan."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def attach_lora(model, plan: TargetPlan, towers: Towers, cfg: RunConfig,
+                modules_to_save: dict[str, str] | None = None):
+    """Wrap exactly the planned modules with LoRA and train exactly `modules_to_save` in full (or continue an
+    init_adapter that adapts the same), verified against the plan; returns (model, how: inputs.adapter_how).
 
-    modules_to_save = [a.rsplit(".", 1)[-1] for a in towers.aligner
-                       if any(m in a.rsplit(".", 1)[-1] for m in cfg.modules_to_save)] or None
-    how = "new"
+    `modules_to_save` is targeting.resolve_modules_to_save's answer (resolved here from cfg when not given).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from .adapters import adapted_modules, load_adapter
+    from .inputs import adapter_how
+
+    if modules_to_save is None:
+        modules_to_save = resolve_modules_to_save(towers, cfg.modules_to_save, plan, freeze_llm=cfg.freeze_llm,
+                                                  freeze_vit=cfg.freeze_vit, freeze_aligner=cfg.freeze_aligner)
+    how = adapter_how(None, plan, modules_to_save)
     if cfg.init_adapter:
-        adapter = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
-        if set(wrapped_modules(adapter)) == set(plan.modules):
-            how = "continued"  # the stage-3 adapter targets the same modules: keep training it
-            verify_wrapped(adapter, plan)
+        adapter = load_adapter(model, cfg.init_adapter, is_trainable=True, what="init_adapter")
+        how = adapter_how(adapted_modules(adapter), plan, modules_to_save)
+        if how == "continued":  # the stage-3 adapter adapts the same modules: keep training it
+            verify_wrapped(adapter, plan, modules_to_save)
             return adapter, how
         model = adapter.merge_and_unload()  # different targets: fold stage 3 into the base, start a new LoRA
-        how = "merged init_adapter, new LoRA"
-    if not plan.modules and not modules_to_save:
+    if not plan.modules:
         model.requires_grad_(False)  # A0: nothing trains
-        return model, "none"
+        return model, how
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules=plan.regex or [], modules_to_save=modules_to_save)
+                        target_modules=plan.regex, modules_to_save=list(modules_to_save) or None)
     peft_model = get_peft_model(model, config)
-    verify_wrapped(peft_model, plan)
+    verify_wrapped(peft_model, plan, modules_to_save)
     return peft_model, how
 
 
 def tower_of_parameter(name: str, towers: Towers) -> str:
-    """'llm', 'vit' or 'aligner' for a (peft-prefixed) parameter name, from the discovered towers."""
-    base = name.removeprefix("base_model.model.")
-    for tower, prefixes in (("llm", towers.llm_layers), ("vit", towers.vit_blocks), ("aligner", towers.aligner)):
-        if any(base == p or base.startswith(p + ".") for p in prefixes):
-            return tower
-    raise LoraKitError(f"trainable parameter {name} belongs to no tower (decoder layers, vision blocks, aligner); "
-                       "lora_kit trains only those. Check modules_to_save.")
+    """'llm', 'vit' or 'aligner' for a (peft-prefixed) parameter name, by ms-swift's multimodal grouping:
+    the aligner, the rest of the vision tower, everything else (decoder layers, embeddings, lm_head)."""
+    return tower_of_module(towers, name.removeprefix("base_model.model."))
 
 
 def optimizer_groups(model, towers: Towers, cfg: RunConfig) -> list[dict]:
@@ -368,25 +361,6 @@ class GuardrailCallback(TrainerCallback):
 
 # ---------------------------------------------------------------- the run
 
-def data_files(cfg: RunConfig) -> dict[str, Path]:
-    """The resolved *_file parameters: the toy world's files where a toy model (a toy name, or a folder built by
-    `toy build`) leaves them unset."""
-    from .config import is_toy_folder
-    from .toy import toy_build_and_stage, toy_files
-
-    files = {k: getattr(cfg, k) for k in ("train_file", "val_file", "bench_file", "general_file",
-                                          "spotcheck_file", "terms_file")}
-    if any(v is None for v in files.values()):
-        toy = toy_build_and_stage(cfg.model)
-        if toy is None and not is_toy_folder(cfg.model):
-            missing = [k for k, v in files.items() if v is None]
-            raise ConfigError(f"{', '.join(missing)} not set: a real model needs its data files; "
-                              "set them in the variant file or with --set.")
-        defaults = toy_files(toy[0]) if toy else toy_files(world=Path(cfg.model).parent / "world")
-        files = {k: Path(v) if v is not None else defaults[k] for k, v in files.items()}
-    return {k: Path(v) for k, v in files.items()}
-
-
 def code_version() -> dict:
     """The git commit and dirty flag of the kit's code, for params.json."""
     def git(*args):
@@ -419,21 +393,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     from transformers import set_seed
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from .targeting import meta_model
-    from .toy import resolve_model
-
     t_start = time.time()
-    # Plan on the meta device first: bad layer counts and regexes are refused before any weight is read
-    # and before a run folder exists.
-    # The plan holds only names and shapes, so the meta model's towers serve the loaded model too.
-    # A family the kit cannot train is refused here, naming what is missing, before any weight is read.
-    model_dir = resolve_model(cfg.model)
-    meta = meta_model(model_dir, cfg.trust_remote_code)
-    family = family_of_config(meta.config, str(model_dir))
-    processor = load_processor(model_dir, family, meta.config, cfg.trust_remote_code)
-    towers = find_towers(meta)
-    plan = (plan_from_regex(towers, cfg.target_regex) if cfg.target_regex
-            else plan_targets(towers, cfg.llm_last, cfg.vit_last))
     ranks = init_ranks(cfg.nproc)  # several under torchrun / accelerate launch: rank 0 owns the run folder
     if cfg.fsdp and ranks.world_size == 1:
         raise ConfigError(f"fsdp = {cfg.fsdp!r} shards the weights across processes, but this is one process. "
@@ -441,40 +401,31 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                           "or set fsdp: null.")
     log = log if ranks.is_main else (lambda *_: None)
     run = RunFolder(runs_dir(cfg.output_dir) / cfg.variant_name)
+    # Every input is resolved and checked before the run folder is claimed (inputs.py): a bad plan, adapter,
+    # data line or resume leaves no failed run behind.
+    inputs = resolve_inputs(cfg, run, log=log)
+    towers, plan, files, evalset = inputs.towers, inputs.plan, inputs.files, inputs.evalset
     ranks.on_rank0(run.claim, overwrite=cfg.overwrite)  # refuses a completed run or a live second process
     try:
         set_seed(cfg.seed)
-        files = data_files(cfg)
-        train_samples, skipped_train = read_jsonl(files["train_file"], on_bad_sample=cfg.on_bad_sample)
-        val_samples, skipped_val = read_jsonl(files["val_file"], on_bad_sample=cfg.on_bad_sample)
-
-        model_path, processor, model = load_base(cfg, processor)
-        model, adapter_how = attach_lora(model, plan, towers, cfg)
+        model_path, processor = inputs.model_path, inputs.processor
+        model = load_model(model_path, cfg)
+        model, adapter_how = attach_lora(model, plan, towers, cfg, inputs.modules_to_save)
         groups = optimizer_groups(model, towers, cfg)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-        encoder = Encoder.for_run(processor, cfg, family)
-        t0 = time.time()
-        # Encoding once also screens every sample (length, images) before training starts.
-        train_data, train_samples, unencodable = encode_all(encoder, train_samples, on_bad_sample=cfg.on_bad_sample)
-        skipped_train += unencodable
-        augment = make_augment(cfg.augmentation, cfg.augment_strength, cfg.seed)
-        if augment is not None:  # each draw is a new augmentation of the screened samples
-            train_data = AugmentedDataset(train_samples, encoder, augment)
-        evalset = build_evalset(cfg, encoder, files, train_samples, val_samples)
-        skipped_val += evalset.skipped_val
-        encode_seconds = time.time() - t0
+        encoder, train_data, encode_seconds = inputs.encoder, inputs.train_data, inputs.encode_seconds
+        skipped_train, skipped_val = inputs.skipped["train"], inputs.skipped["val"]
 
         params = {
             "config": cfg.to_dict(), "variant": cfg.variant_name, "code": code_version(),
             "processes": ranks.record(),
-            "packages": package_versions(), "model_path": str(model_path), "family": family.name,
+            "packages": package_versions(), "model_path": str(model_path), "family": inputs.family.name,
             "image_resolution": encoder.resolution,  # the bounds every encoding of this run used, resolved
             "data_files": {k: str(v) for k, v in files.items()},
             "skipped_samples": {"train": skipped_train, "val": skipped_val},
             "targets": {"llm_layers": plan.llm_layers, "vit_blocks": plan.vit_blocks, "modules": plan.modules,
                         "regex": plan.regex, "counts": plan.counts(), "aligner": towers.aligner,
-                        "adapter": adapter_how},
+                        "modules_to_save": list(inputs.modules_to_save), "adapter": adapter_how},
             "optimizer_groups": [{"tower": g["tower"], "lr": g["lr"], "weight_decay": g["weight_decay"],
                                   "n_params": sum(p.numel() for p in g["params"]), "names": g["names"]}
                                  for g in groups],
@@ -482,7 +433,12 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             "augmentation": {"kind": cfg.augmentation, "strength": cfg.augment_strength},
             "setup": describe_setup(cfg, model_path, files),  # what a comparable run (an A0 baseline) shares
         }
-        ranks.on_rank0(run.write_params, params)
+        if inputs.resume.kind == "resume":  # params.json stays as the run began (resume_decision compared them)
+            if inputs.resume.params.get("code") != params["code"]:
+                log(f"{cfg.variant_name}: the kit's code changed since this run began ({inputs.resume.params.get('code')}"
+                    f" -> {params['code']}); resuming with the new code, params.json keeps the first")
+        else:
+            ranks.on_rank0(run.write_params, params)
         callback = GuardrailCallback(run, cfg, encoder, evalset, ranks)
         callback.params = params
         collator = Collator(processor, model, cfg.packing, cfg.max_length, rows=True)
@@ -516,8 +472,10 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                                   "on GPUs only, and with several processes). Fix: launch on GPUs with nproc > 1, "
                                   "or set fsdp: null.")
             resume = ranks.on_rank0(run.last_checkpoint)
-            log(f"{cfg.variant_name}: training {trainable:,} LoRA parameters on {len(plan.modules)} modules "
-                f"({plan.counts()}), {len(train_data)} samples" + (f", resuming from {resume.name}" if resume else ""))
+            log(f"{cfg.variant_name}: training {trainable:,} parameters: LoRA on {len(plan.modules)} modules "
+                f"({plan.counts()})" + (f", in full: {', '.join(inputs.modules_to_save)}" if inputs.modules_to_save
+                                        else "")
+                + f", {len(train_data)} samples" + (f", resuming from {resume.name}" if resume else ""))
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             last = trainer.state.global_step
             if ranks.on_rank0(lambda: not any(r["step"] == last for r in callback.history)):
@@ -551,7 +509,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             # where each guardrail first moved (its test failed once), whether or not it then fired
             "first_bad_steps": guardrails.first_bad_steps(history, callback.baseline, cfg, callback.run.verdicts()),
             "best": best, "targets": {"counts": plan.counts(), "llm_layers": plan.llm_layers,
-                                      "vit_blocks": plan.vit_blocks},
+                                      "vit_blocks": plan.vit_blocks,
+                                      "modules_to_save": list(inputs.modules_to_save)},
             "llm_last": plan.llm_last, "vit_last": plan.vit_last, "trainable_parameters": trainable,
             "timings": {"wall_seconds": time.time() - t_start, "eval_seconds": callback.eval_seconds,
                         "eval_parts": callback.eval_parts,

@@ -19,12 +19,11 @@ def notebook_overrides(namespace: dict, config_cls) -> dict:
 
 def plan_table(cfg) -> pd.DataFrame:
     """The targeted modules of a config's variant (model built on the meta device: no weights read)."""
-    from .targeting import find_towers, meta_model, plan_from_regex, plan_rows, plan_targets
+    from .targeting import find_towers, meta_model, plan_for, plan_rows
     from .toy import resolve_model
 
     towers = find_towers(meta_model(resolve_model(cfg.model, weights=False), cfg.trust_remote_code))
-    plan = plan_from_regex(towers, cfg.target_regex) if cfg.target_regex else \
-        plan_targets(towers, cfg.llm_last, cfg.vit_last)
+    plan = plan_for(towers, cfg.llm_last, cfg.vit_last, cfg.target_regex)
     return pd.DataFrame(plan_rows(plan, towers, cfg.lora_rank), columns=[
         "tower", "layer", "module", "parameters", "lora_parameters", "name"])
 

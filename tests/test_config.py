@@ -160,9 +160,38 @@ def test_model_folders(tmp_path):
 def test_init_adapter_and_data_files_that_exist(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
-    data = write(tmp_path, "{}\n", "train.jsonl")
+    assert "without adapter_model.safetensors" in config_error([], {"init_adapter": str(tmp_path / "adapter")})
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    data = write(tmp_path, '{"messages": []}\n', "train.jsonl")
     cfg = load_config([], {"init_adapter": str(tmp_path / "adapter"), "train_file": str(data)})
     assert cfg.train_file == str(data)
+
+
+def test_file_formats_are_checked_with_the_parameters(tmp_path):
+    """terms_file is JSON (as documented once, in RunConfig); a one-per-line file, or a JSONL parameter given
+    a file of another format, is refused by load_config naming the parameter's line and the file's line."""
+    one_per_line = write(tmp_path, "红色\n圆形\n", "terms.txt")
+    path = write(tmp_path, f"seed: 1\nterms_file: {one_per_line}\n")
+    message = config_error([path])
+    assert f"{path.name}:2: terms_file = " in message and f"{one_per_line}:1: terms_file is not JSON" in message
+    assert '{"colours": [...], "shapes": [...]}' in message
+    wrong_keys = write(tmp_path, '{"colors": ["红色"], "shapes": ["圆形"]}', "terms.json")
+    assert '"colours"' in config_error([], {"terms_file": str(wrong_keys)})
+    terms = write(tmp_path, '{"colours": ["红色"], "shapes": ["圆形"]}', "terms.json")
+    bench = write(tmp_path, '\n{"colours": []}\n', "bench.jsonl")
+    message = config_error([], {"terms_file": str(terms), "bench_file": str(bench)})
+    assert "1 problem" in message and "bench_file = " in message and f"{bench.name}:2 holds" in message
+    from lora_kit.config import field_docs
+    assert '{"colours": [...], "shapes": [...]}' in field_docs()["terms_file"]
+    assert "one per line" not in field_docs()["terms_file"]
+
+
+def test_load_terms_names_the_file_and_line(tmp_path):
+    from lora_kit.errors import DataError
+    from lora_kit.scoring import load_terms
+    path = write(tmp_path, '{"colours": ["红色"],\n "shapes": ["圆形",]}', "terms.json")
+    with pytest.raises(DataError, match=rf"{path}:2: terms_file is not JSON"):
+        load_terms(path)
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):

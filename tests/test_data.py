@@ -64,6 +64,8 @@ GOOD = {"messages": [{"role": "user", "content": "<image>描述"}, {"role": "ass
     ({"messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "y"}],
       "images": ["missing.png"]}, "does not exist"),
     ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0] must be"),
+    ({"messages": [{"role": "user", "content": "描述"}, {"role": "assistant", "content": "<image>好"}],
+      "images": ["a.png"]}, "messages[1] is an assistant turn holding '<image>'"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, bad, why):
     p = _write(tmp_path, [GOOD, bad, GOOD])
@@ -72,6 +74,36 @@ def test_bad_rows_name_file_and_line(tmp_path, bad, why):
     assert f"{p}:2" in str(e.value) and why in str(e.value) and "on_bad_sample: skip" in str(e.value)
     samples, skipped = read_jsonl(p, on_bad_sample="skip")
     assert len(samples) == 2 and len(skipped) == 1 and f"{p}:2" in skipped[0]
+
+
+def test_vision_placeholders_are_never_supervised(tmp_path, processor):
+    """Even in a sample built in code (the reader refuses <image> outside user/system turns), the image's
+    placeholder tokens are input, never a target: the supervised tokens are the answer's text alone."""
+    from PIL import Image
+
+    from lora_kit.data import Sample
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    sample = Sample(messages=[{"role": "user", "content": "描述"}, {"role": "assistant", "content": "好<image>的"}],
+                    images=[tmp_path / "a.png"], source="built:1")
+    enc = Encoder(processor, 512)
+    e = enc.encode(sample)
+    supervised = [t for t in e.labels if t != IGNORE_INDEX]
+    vision = {processor.tokenizer.convert_tokens_to_ids(t) for t in
+              (processor.vision_start_token, processor.image_token, processor.vision_end_token)}
+    assert e.input_ids.count(processor.image_token_id) == 16  # the image is still shown to the model
+    assert not vision & set(supervised)
+    assert processor.tokenizer.decode(supervised) == "好的<|im_end|>"
+
+
+def test_special_tokens_written_as_text_are_refused(tmp_path, processor):
+    from PIL import Image
+
+    from lora_kit.data import Sample
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    sample = Sample(messages=[{"role": "user", "content": "<image>描述<|image_pad|>"},
+                              {"role": "assistant", "content": "好"}], images=[tmp_path / "a.png"], source="f.jsonl:7")
+    with pytest.raises(DataError, match=r"f.jsonl:7: messages\[0\] \(user\) writes the special token\(s\) <\|image_pad\|>"):
+        Encoder(processor, 512).encode(sample)
 
 
 def test_undecodable_image_and_too_long_sample(tmp_path, processor):

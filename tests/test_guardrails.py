@@ -380,10 +380,12 @@ def study_files(tmp_path):
     (model / "config.json").write_text("{}")
     (model / "model.safetensors").write_bytes(b"weights" * 1000)
     files = {}
-    for name in DATA_FILES:
-        files[name] = tmp_path / "data" / f"{name}.jsonl"
+    for name in DATA_FILES:  # each in its format (load_config checks it), each with its own content
+        files[name] = tmp_path / "data" / f"{name}.{'json' if name == 'terms_file' else 'jsonl'}"
         files[name].parent.mkdir(exist_ok=True)
-        files[name].write_text(f'{{"the": "{name}"}}\n', encoding="utf-8")
+        files[name].write_text(json.dumps({"colours": ["红色"], "shapes": [name]}) if name == "terms_file" else
+                               json.dumps({"messages": [{"role": "user", "content": name}], "images": []}) + "\n",
+                               encoding="utf-8")
     return model, files
 
 
@@ -468,7 +470,8 @@ def test_evaluate_takes_baseline_captions_only_from_an_a0_of_its_setup(tmp_path,
     captions, why = study_baseline_captions(cfg)
     assert captions == ["一个红色的圆形"] and why.startswith("A0 (")
     own_bench = tmp_path / "receipts.jsonl"
-    own_bench.write_text('{"receipt": 2}\n', encoding="utf-8")
+    own_bench.write_text(json.dumps({"messages": [{"role": "user", "content": "receipt"}], "images": []}) + "\n",
+                         encoding="utf-8")
     captions, why = study_baseline_captions(dataclasses.replace(cfg, bench_file=str(own_bench)))
     assert captions is None and "bench_file: " in why and "receipts.jsonl" in why
 

@@ -126,7 +126,7 @@ def test_a_too_long_sample_is_an_error_naming_its_line_or_skipped_and_counted(to
     with pytest.raises(DataError, match=rf"task_train.jsonl:{line}: \d+ tokens, longer than max_length=256.*"
                                         "on_bad_sample: skip"):
         train(load_config([params]), log=lambda *a: None)
-    assert RunFolder(tmp_path / "runs" / "L1").status() == "failed"  # marked, not left half written
+    assert not (tmp_path / "runs" / "L1").exists()  # screened before the run folder is claimed: nothing failed
 
     run = train(load_config([params], {"on_bad_sample": "skip", "variant": "L2"}), log=lambda *a: None)
     skipped = json.loads((run / "params.json").read_text())["skipped_samples"]
@@ -134,6 +134,32 @@ def test_a_too_long_sample_is_an_error_naming_its_line_or_skipped_and_counted(to
     assert skipped["val"] == []
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["skipped_samples"] == 1
+
+
+def test_bad_inputs_are_refused_before_the_run_folder_exists(toy_ckpt, mini_world, tmp_path):
+    """A bad data line in any file, a regex peft would refuse, or a modules_to_save entry that names nothing:
+    the error names the line or parameter and no run folder is claimed (it used to be left 'failed')."""
+    from lora_kit.config import load_config
+    from lora_kit.errors import TargetingError
+    from lora_kit.train import train
+
+    lines = (mini_world / "bench.jsonl").read_text(encoding="utf-8").splitlines()
+    row = json.loads(lines[1])
+    row["images"] = ["missing.png"]
+    bench = tmp_path / "bench.jsonl"  # the copy keeps resolving images against the world's folder
+    bench.write_text("\n".join([json.dumps({**json.loads(l), "images": [str(mini_world / p) for p in
+                                                                         json.loads(l)["images"]]})
+                                 for l in lines[:1]] + [json.dumps(row)]) + "\n", encoding="utf-8")
+    quiet = lambda *_: None  # noqa: E731
+    cases = [({"bench_file": str(bench)}, DataError, rf"bench.jsonl:2: image .*missing.png.* does not exist"),
+             ({"target_regex": r"model\.language_model\.layers\.(6|7)\..*", "llm_last": 0, "variant": "X"},
+              TargetingError, "not Linear layers"),
+             ({"modules_to_save": ["visual.mergr"], "freeze_aligner": False}, TargetingError, "matches no module")]
+    for overrides, error, message in cases:
+        params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2, variant="BAD", llm_last=1, vit_last=0)
+        with pytest.raises(error, match=message):
+            train(load_config([params], overrides), log=quiet)
+        assert not (tmp_path / "runs").exists(), overrides
 
 
 def test_a_run_that_turns_non_finite_stops_and_keeps_its_best_finite_checkpoint(toy_ckpt, mini_world, tmp_path,

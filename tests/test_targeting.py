@@ -220,3 +220,43 @@ def test_plan_a_4b_study_from_its_config_alone(tmp_path):
     per_llm_layer = 16 * ((2560 + 4096) + (2560 + 1024) * 2 + (4096 + 2560) + 2 * (2560 + 9728) + (9728 + 2560))
     per_vit_block = 16 * ((1024 + 3072) + (1024 + 1024) + (1024 + 4096) + (4096 + 1024))
     assert plan.lora_parameters(16) == 2 * per_llm_layer + 4 * per_vit_block
+
+
+def test_a_regex_that_also_matches_non_linear_modules_is_refused_with_the_linear_only_regex(toy_ckpt):
+    """peft fullmatches target_modules against every module name and refuses non-Linear ones only after the
+    weights are loaded; the plan checks the same way, on the meta model."""
+    model = meta_model(toy_ckpt)
+    towers = find_towers(model)
+    broad = r"model\.language_model\.layers\.(6|7)\..*"
+    names = [n for n, _ in model.named_modules()]
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(broad, n)}
+    assert len(linear) == 14 and len([n for n in names if re.fullmatch(broad, n)]) > 14  # norms, attention, mlp
+    with pytest.raises(TargetingError, match="not Linear layers") as e:
+        plan_from_regex(towers, broad)
+    fixed = str(e.value).splitlines()[-1].strip()
+    assert {n for n in names if re.fullmatch(fixed, n)} == linear  # the suggestion matches exactly those, as peft does
+    assert plan_from_regex(towers, fixed).counts() == {"llm": 14, "vit": 0}
+
+
+def test_modules_to_save_resolve_to_real_module_names(toy_ckpt):
+    from lora_kit.targeting import resolve_modules_to_save
+
+    model = meta_model(toy_ckpt)
+    towers = find_towers(model)
+    plan = plan_targets(towers, 2, 4)
+    resolve = lambda *entries, **kw: resolve_modules_to_save(towers, entries, plan, **{  # noqa: E731
+        "freeze_aligner": False, **kw})
+    # a dotted suffix or a full name; `merger` is the main merger only, never deepstack_merger_list
+    assert resolve("merger") == resolve("visual.merger") == {"model.visual.merger": "aligner"}
+    # a module list stands for its members (peft cannot wrap a ModuleList)
+    members = [f"model.visual.deepstack_merger_list.{i}" for i in range(len(model.model.visual.deepstack_merger_list))]
+    assert list(resolve("deepstack_merger_list")) == members
+    assert resolve("lm_head") == {"lm_head": "llm"}
+    with pytest.raises(TargetingError) as e:
+        resolve("mergr", "act_fn", "layers.7")
+    msg = str(e.value)
+    assert "'mergr' matches no module" in msg and "did you mean model.visual.merger" in msg and "lm_head" in msg
+    assert "holds no parameters" in msg  # act_fn: nothing to train
+    assert "overlaps 7 LoRA-targeted modules" in msg  # layers.7 carries LoRA in C2
+    with pytest.raises(TargetingError, match="freeze_aligner: true keeps frozen"):
+        resolve("merger", freeze_aligner=True)

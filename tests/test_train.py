@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -298,9 +299,148 @@ def test_a_run_on_other_data_takes_its_own_baseline_not_a0s(toy_ckpt, mini_world
     run = RunFolder(train(load_config([params, REPO_ROOT / "params" / "A1.yaml"], {"bench_file": str(own_bench)}),
                           log=quiet))
     summary, own = run.summary(), run.read_metrics()[0]
-    assert "copied_from" not in own and own["irrelevant_pass"]["n"] == 0  # no irrelevant rows in this benchmark
-    assert summary["baseline"]["irrelevant_pass"] == own["irrelevant_pass"]
+    # no irrelevant rows in this benchmark, in either probe group
+    assert "copied_from" not in own and all(g["irrelevant_pass"]["n"] == 0 for g in own["probes"].values())
+    assert summary["baseline"]["probes"] == own["probes"]
     assert summary["baseline"]["eval_loss"] == own["eval_loss"]
     assert summary["baseline_source"].startswith(f"own step 0 (A0 at {a0} ran another setup")
     assert "bench_file: " in summary["baseline_source"]
     assert {p["guardrail"]: p["problem"] for p in summary["guardrail_problems"]}["irrelevant_drop"] == "cannot_fire"
+
+
+# ---------------------------------------------------------------- what the user gives is what runs (issue 17)
+
+def _c2_adapter(toy_ckpt, folder: Path, rename=None) -> Path:
+    """A peft adapter on C2's modules with non-zero weights (B random, so it changes the model), saved by peft;
+    `rename` maps each saved tensor name to another (an adapter written for another module layout)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText
+
+    from lora_kit.targeting import find_towers, plan_targets
+
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_pretrained(toy_ckpt)
+    plan = plan_targets(find_towers(base), 2, 4)
+    get_peft_model(base, LoraConfig(r=4, lora_alpha=4, target_modules=plan.regex, init_lora_weights=False)
+                   ).save_pretrained(folder)
+    if rename:
+        tensors = _lora_tensors(folder)
+        save_file({rename(k): v for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def _pre_4_52(key: str) -> str:
+    """The Qwen-VL layout of transformers < 4.52: decoder at model.*, vision tower at visual.*."""
+    return key.replace("base_model.model.model.language_model.", "base_model.model.model.").replace(
+        "base_model.model.model.visual.", "base_model.model.visual.")
+
+
+def test_an_adapter_is_loaded_whole_or_refused_in_evaluate_and_train(toy_ckpt, mini_world, tmp_path):
+    from lora_kit.config import load_config
+    from lora_kit.evaluate import evaluate_checkpoint
+    from lora_kit.train import data_files, train
+
+    current = _c2_adapter(toy_ckpt, tmp_path / "current")
+    older = _c2_adapter(toy_ckpt, tmp_path / "older", rename=_pre_4_52)
+    other = _c2_adapter(toy_ckpt, tmp_path / "other", rename=lambda k: k.replace(".layers.", ".decoder_layers."))
+    assert any(k.startswith("base_model.model.visual.blocks.") for k in _lora_tensors(older))
+    cfg = load_config([tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2, variant="AD", llm_last=2,
+                                   vit_last=4)])
+    loss = lambda folder: evaluate_checkpoint(folder, cfg, base=str(toy_ckpt), files=data_files(cfg),  # noqa: E731
+                                              out=tmp_path / f"{folder.name}.json")["metrics"]["eval_loss"]
+    base, fitted = loss(toy_ckpt), loss(current)
+    assert abs(fitted - base) > 1e-2  # the adapter changes the model, so a no-op load would show
+    # the older layout is mapped as transformers maps old checkpoints: the same weights, the same loss
+    assert loss(older) == pytest.approx(fitted, abs=1e-6)
+    # an adapter whose tensors name no module of this model is refused, naming it and its keys
+    from lora_kit.errors import AdapterError
+    with pytest.raises(AdapterError) as e:
+        loss(other)
+    assert str(other) in str(e.value) and ".decoder_layers.6." in str(e.value) and ".layers.6." in str(e.value)
+    quiet = lambda *_: None  # noqa: E731
+    with pytest.raises(AdapterError, match="decoder_layers"):
+        train(load_config([], {**cfg.to_dict(), "init_adapter": str(other)}), log=quiet)
+    assert not (tmp_path / "runs" / "AD").exists()  # refused before the run folder was claimed
+    # train continues the older-layout adapter itself: its step 0 is the adapter's model, not the base
+    run = train(load_config([], {**cfg.to_dict(), "init_adapter": str(older)}), log=quiet)
+    assert json.loads((run / "params.json").read_text())["targets"]["adapter"] == "continued"
+    step0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert step0["step"] == 0 and step0["eval_loss"] == pytest.approx(fitted, abs=1e-4)
+
+
+def _killed_after_checkpoint_2(run: Path) -> None:
+    """Make a finished 4-step run look killed after its step-2 checkpoint (as test_reliability's kill -9 does)."""
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "running", "pid": 999999}))
+
+
+def test_a_resume_with_changed_parameters_is_refused_and_params_json_stays(toy_ckpt, mini_world, tmp_path):
+    from lora_kit.config import load_config
+    from lora_kit.errors import ConfigError
+    from lora_kit.train import train
+
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=4, variant="R2", llm_last=2, vit_last=2)
+    logs = []
+    run = train(load_config([params]), log=logs.append)
+    _killed_after_checkpoint_2(run)
+    before = (run / "params.json").read_bytes()
+    for change, shown in (({"lora_rank": 8}, "lora_rank: 16 -> 8"), ({"llm_last": 3, "variant": "R2"}, "llm_last: 2 -> 3"),
+                          ({"vit_lr": 1e-3}, "vit_lr: 0.005 -> 0.001")):
+        with pytest.raises(ConfigError) as e:
+            train(load_config([params], change), log=logs.append)
+        assert shown in str(e.value) and "overwrite: true" in str(e.value) and "new variant name" in str(e.value)
+        assert (run / "params.json").read_bytes() == before
+        assert json.loads((run / "summary.json").read_text())["status"] == "running"  # not marked failed
+    # logging_steps is harmless (config.RESUME_SAFE): the run resumes, and params.json stays as the run began
+    logs.clear()
+    train(load_config([params], {"logging_steps": 2}), log=logs.append)
+    assert any("resuming from checkpoint-2" in line for line in logs)
+    assert (run / "params.json").read_bytes() == before
+    # overwrite: true starts an unfinished run over with the new values (it resumed before)
+    _killed_after_checkpoint_2(run)
+    logs.clear()
+    train(load_config([params], {"lora_rank": 8, "overwrite": True}), log=logs.append)
+    assert not any("resuming" in line for line in logs)
+    assert json.loads((run / "params.json").read_text())["config"]["lora_rank"] == 8
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 2, 4]
+
+
+def test_modules_to_save_train_exactly_what_was_asked(toy_ckpt, mini_world, tmp_path):
+    """[visual.merger, deepstack_merger_list, lm_head] beside C2's LoRA: each module trains in full, the aligner
+    at aligner_lr, and the saved adapter holds them (it said modules_to_save: null and trained plain C2)."""
+    from transformers import AutoModelForImageTextToText
+
+    from lora_kit.config import load_config
+    from lora_kit.train import train
+
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2, variant="MS", llm_last=2, vit_last=4,
+                         modules_to_save=["visual.merger", "deepstack_merger_list", "lm_head"],
+                         freeze_aligner=False, aligner_lr=1e-3, lora_rank=4)
+    run = train(load_config([params]), log=lambda *_: None)
+    recorded = json.loads((run / "params.json").read_text())
+
+    # independently: LoRA r * (in + out) on the Linear layers of decoder layers 6-7 and vision blocks 8-11,
+    # plus every parameter of the three modules trained in full
+    base = AutoModelForImageTextToText.from_pretrained(toy_ckpt)
+    lora = sum(4 * (m.in_features + m.out_features) for n, m in base.named_modules()
+               if isinstance(m, torch.nn.Linear) and re.match(r"model\.(language_model\.layers\.[67]|visual\.blocks\.(8|9|10|11))\.", n))
+    full = {prefix: sum(p.numel() for n, p in base.named_parameters(remove_duplicate=False) if n.startswith(prefix))
+            for prefix in ("model.visual.merger.", "model.visual.deepstack_merger_list.", "lm_head.")}
+    assert all(full.values())
+    assert recorded["trainable_parameters"] == lora + sum(full.values())
+
+    groups = recorded["optimizer_groups"]
+    aligner = [g for g in groups if g["tower"] == "aligner"]
+    assert aligner and all(g["lr"] == 1e-3 for g in aligner)
+    assert sum(g["n_params"] for g in aligner) == full["model.visual.merger."] + full["model.visual.deepstack_merger_list."]
+    assert any("lm_head" in n for g in groups if g["tower"] == "llm" for n in g["names"])
+
+    n_deepstack = len(base.model.visual.deepstack_merger_list)
+    asked = ["model.visual.merger"] + [f"model.visual.deepstack_merger_list.{i}" for i in range(n_deepstack)] + ["lm_head"]
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["modules_to_save"] == asked
+    saved = _lora_tensors(ckpt)
+    assert "base_model.model.model.visual.merger.linear_fc1.weight" in saved and "base_model.model.lm_head.weight" in saved
