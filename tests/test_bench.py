@@ -49,7 +49,7 @@ def test_cli_writes_json_and_table(toy_ckpt, mini_world, tmp_path):
                  "--no-eval-share", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [t["variant"] for t in result["training"]] == ["A1"]
-    assert result["generation"]["prompts"] == 6  # eval_max_samples 2 per kind, 3 kinds
+    assert result["generation"]["prompts"] == 12  # eval_max_samples 2 per kind, 3 kinds, 2 probe groups
     assert result["generation"]["speedup"] > 0 and result["machine"]["cores"]
     table = out.with_suffix(".md").read_text()
     assert "| A1 |" in table and "one at a time" in table
