@@ -89,7 +89,7 @@ def collect_runs(runs_root) -> pd.DataFrame:
         converted = pd.to_numeric(df[c], errors="coerce")
         if converted.notna().sum() == df[c].notna().sum():
             df[c] = converted
-    return df
+    return df.copy()  # one block per dtype: columns set one by one leave a frame pandas warns about at each use
 
 
 def _run_row(folder: Path) -> dict:
