@@ -104,8 +104,9 @@ class RunConfig:
     min_pixels: int | None = None
     """Smallest area (height x width, in pixels) an image is resized to, in the image processor's own meaning
     (Qwen-VL smart_resize: aspect ratio kept, sides multiples of patch_size x merge_size); null = the
-    processor's own (its size.shortest_edge). Applied alike in training, every evaluation and the spot-check,
-    and recorded in params.json (image_resolution)."""
+    processor's own (its size.shortest_edge). At most max_pixels, the processor's own included (a toy's own is
+    128 x 128: with a smaller max_pixels set min_pixels too). Applied alike in training, every evaluation and the
+    spot-check, and recorded in params.json (image_resolution)."""
     max_pixels: int | None = None
     """Largest area an image is resized to, in the same meaning; each image token covers (patch_size x
     merge_size)^2 pixels (32x32 on Qwen3-VL, 28x28 on Qwen2-VL / Qwen2.5-VL), so this caps the image tokens
@@ -732,7 +733,7 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
                 f"set {name}: null, or e.g. {name}: {1024 * (4 if name == 'min_pixels' else 1280)}")
     if c["min_pixels"] is not None and c["max_pixels"] is not None and c["min_pixels"] > c["max_pixels"]:
         bad(["min_pixels", "max_pixels"], "min_pixels <= max_pixels",
-            "lower min_pixels or raise max_pixels (or set one of them to null, the processor's own)")
+            "lower min_pixels or raise max_pixels")
     if not 0 <= c["caption_chrf_min"] <= 100:
         bad(["caption_chrf_min"], "a chrF score in [0, 100]",
             f"set caption_chrf_min to e.g. {default('caption_chrf_min')}")

@@ -123,12 +123,27 @@ def image_resolution(processor, min_pixels: int | None = None, max_pixels: int |
     """The image-size bounds an encoding uses, in the processor's own meaning: each image is resized (aspect kept,
     sides multiples of patch_size * merge_size) so that its area lies in [min_pixels, max_pixels]; None takes the
     processor's own value (its size's shortest_edge / longest_edge). Returned with the patch and merge size, so
-    that params.json records the resolution a model was trained at."""
+    that params.json records the resolution a model was trained at.
+
+    ConfigError when the resolved min_pixels exceeds max_pixels (one of them the processor's own): the processor
+    would then scale every image smaller than min_pixels up past max_pixels, so the cap would not hold."""
     ip = processor.image_processor
     size = ip.size
-    return {"min_pixels": int(min_pixels if min_pixels is not None else size["shortest_edge"]),
-            "max_pixels": int(max_pixels if max_pixels is not None else size["longest_edge"]),
-            "patch_size": int(ip.patch_size), "merge_size": int(ip.merge_size)}
+    out = {"min_pixels": int(min_pixels if min_pixels is not None else size["shortest_edge"]),
+           "max_pixels": int(max_pixels if max_pixels is not None else size["longest_edge"]),
+           "patch_size": int(ip.patch_size), "merge_size": int(ip.merge_size)}
+    if out["min_pixels"] > out["max_pixels"]:
+        from .errors import ConfigError
+
+        said = lambda name, given, key: (f"{name} = {out[name]}" + (  # noqa: E731
+            f" (null: the processor's own size.{key})" if given is None else ""))
+        raise ConfigError(
+            f"{said('min_pixels', min_pixels, 'shortest_edge')} is above "
+            f"{said('max_pixels', max_pixels, 'longest_edge')}: "
+            f"the processor would scale every image smaller than {out['min_pixels']} px up to that area, past the "
+            f"cap. Fix: set min_pixels to at most {out['max_pixels']} (min_pixels: {out['max_pixels']} gives every "
+            f"image about that area), or raise max_pixels to at least {out['min_pixels']}.")
+    return out
 
 
 class Encoder:

@@ -32,6 +32,7 @@ class Resume:
     kind: str                          # "new" | "resume" | "overwrite"
     checkpoint: Path | None = None     # the Trainer checkpoint a resumed run continues from (None: step 0)
     params: dict | None = None         # the resumed run's params.json, kept as it was
+    note: str | None = None            # said before the run starts (why an unfinished run starts over)
 
 
 @dataclass
@@ -99,13 +100,42 @@ def resume_changes(old: dict, cfg: RunConfig, model_path: Path, files: dict[str,
     for k, v in (old.get("data_files") or {}).items():
         if now.get(k) != v:
             changes.append((f"{k} (resolved)", v, now.get(k)))
+    return changes + content_changes(old, cfg, model_path, files)
+
+
+def content_changes(old: dict, cfg: RunConfig, model_path: Path, files: dict[str, Path]) -> list[tuple]:
+    """(what, old, new) for each input whose path stayed but whose content changed since the run began: the model's
+    and init_adapter's weights, each data file (params.json's setup, setups.describe_setup). A data file edited in
+    place would otherwise be resumed on silently, with another sample count, order and epoch boundaries."""
+    from .setups import DATA_FILES as SETUP_FILES, describe_setup
+
+    before = old.get("setup")
+    if not isinstance(before, dict):  # a run recorded before setups were: its paths are all there is
+        return []
+    now = describe_setup(cfg, model_path, files)
+    adapter_before = (before.get("model") or {}).get("init_adapter")
+    pairs = [("model (its weights)", before.get("model"), now["model"]),
+             ("init_adapter (its weights)", adapter_before, now["model"]["init_adapter"])]
+    pairs += [(f"{k} (its content, sha256)", (before.get("data") or {}).get(k), now["data"][k]) for k in SETUP_FILES]
+    changes = []
+    for what, a, b in pairs:
+        if not a or not b or a.get("path") != b.get("path"):
+            continue  # absent, or a changed path (listed above)
+        key = "sha256" if "sha256" in b else "weights"
+        if a.get(key) is not None and a.get(key) != b.get(key):
+            changes.append((what, _short(a.get(key)), _short(b.get(key))))
     return changes
+
+
+def _short(digest) -> str:
+    return f"{digest[:12]}..." if isinstance(digest, str) else repr(digest)
 
 
 def resume_decision(run: RunFolder, cfg: RunConfig, model_path: Path, files: dict[str, Path]) -> Resume:
     """A new run, a resume of the unfinished run in the folder, or (overwrite) a fresh start. A finished run
-    without overwrite, and a resume whose parameters differ from the run's params.json, are refused
-    (ConfigError listing old -> new and the ways out); nothing in the folder is touched."""
+    without overwrite, and a resume from a checkpoint whose parameters or inputs differ from the run's params.json,
+    are refused (ConfigError listing old -> new and the ways out); nothing in the folder is touched. An unfinished
+    run without a checkpoint has nothing to keep: with other values it starts over (its `note` says so)."""
     status = run.status()
     if status in ("completed", "stopped_early") and not cfg.overwrite:
         raise ConfigError(f"run folder {run.path} holds a finished run (status {status}); set overwrite: true "
@@ -116,15 +146,24 @@ def resume_decision(run: RunFolder, cfg: RunConfig, model_path: Path, files: dic
     if params is None:
         return Resume("new")
     changes = resume_changes(params, cfg, model_path, files)
+    checkpoint = run.last_checkpoint()
+    if changes and checkpoint is None:  # nothing saved to resume (say, a run refused at step 0): start it over
+        return Resume("overwrite", note=f"{run.path} holds an unfinished run ({status or 'no status'}) without a "
+                                        "checkpoint; it starts over with the new values "
+                                        f"({_listed(changes, bullets=False)})")
     if changes:
-        shown = "\n".join(f"  - {name}: {old!r} -> {new!r}" for name, old, new in changes)
         raise ConfigError(
-            f"run folder {run.path} holds an unfinished run ({status or 'no status'}) that this one would resume, "
-            f"but {len(changes)} parameter{'s' if len(changes) > 1 else ''} differ from its params.json:\n{shown}\n"
+            f"run folder {run.path} holds an unfinished run ({status or 'no status'}) that this one would resume "
+            f"from {checkpoint.name}, but these differ from its params.json:\n{_listed(changes)}\n"
             "A resumed run keeps its checkpoint, optimizer state, data order and schedule, so these cannot change "
-            f"midway (only {', '.join(RESUME_SAFE)} may). Fix: resume with the same values; or give the new ones "
-            "their own run (a new variant name); or set overwrite: true to start this one over.")
-    return Resume("resume", run.last_checkpoint(), params)
+            f"midway (only {', '.join(RESUME_SAFE)} may). Fix: resume with the same values and files; or give the new "
+            "ones their own run (a new variant name); or set overwrite: true to start this one over.")
+    return Resume("resume", checkpoint, params)
+
+
+def _listed(changes: list[tuple], *, bullets: bool = True) -> str:
+    items = [f"{name}: {old!r} -> {new!r}" for name, old, new in changes]
+    return "\n".join(f"  - {item}" for item in items) if bullets else "; ".join(items)
 
 
 def read_data(cfg: RunConfig, files: dict[str, Path], processor, family) -> dict:
@@ -173,6 +212,8 @@ def resolve_inputs(cfg: RunConfig, run: RunFolder, *, log=print) -> RunInputs:
         log(f"init_adapter: {adapter.renamed} tensor names mapped from the pre-transformers-4.52 Qwen-VL layout")
     files = data_files(cfg)
     resume = resume_decision(run, cfg, model_path, files)
+    if resume.note:
+        log(f"{cfg.variant_name}: {resume.note}")
     processor = load_processor(model_path, family, meta.config, cfg.trust_remote_code)
     data = read_data(cfg, files, processor, family)
     return RunInputs(model_path=model_path, towers=towers, plan=plan, modules_to_save=saved, adapter=adapter,

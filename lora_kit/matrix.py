@@ -10,7 +10,8 @@
 Each variant runs notebooks/train.ipynb with its params file and writes the executed notebook into
 its run folder. Status always comes from the run folders, so an interrupted matrix is resumed by
 running the same command again: finished runs are skipped, interrupted ones resume from their last
-checkpoint (the Trainer's own resume), failed ones are retried.
+checkpoint (the Trainer's own resume), failed ones are retried. A finished run whose parameters or data
+differ from what the command now asks is refused before anything runs (`--set overwrite=true` runs it again).
 
 On a Slurm cluster (`--backend slurm`, through submitit) each variant is one job that runs the same
 notebook: A0 as a job of its own, the others as one job array that starts after A0's job ends. A
@@ -147,13 +148,39 @@ def run_job(job: Job, runs_root: Path, *, slot: int = 0, pin_gpu: bool = True, p
     return status
 
 
+def finished_run_differs(job: Job, runs_root: Path) -> tuple[bool, list[tuple]]:
+    """(overwrite, changes) for a job whose run folder holds a finished run: whether the job asks to run it again
+    (overwrite: true) and what its parameters and inputs would change against the run's params.json (as a resume
+    compares them, inputs.resume_changes); (False, []) when the run recorded no params.json."""
+    from .config import load_config
+    from .inputs import data_files, resume_changes
+    from .toy import resolve_model
+
+    params = RunFolder(runs_root / job.variant).params()
+    if params is None:
+        return False, []
+    # what train.ipynb will resolve: the params file, then the job's overrides and the runs root as output_dir
+    cfg = load_config([job.params_file], {**job.overrides, "output_dir": str(runs_root)})
+    if cfg.overwrite:
+        return True, []
+    return False, resume_changes(params, cfg, resolve_model(cfg.model, weights=False), data_files(cfg))
+
+
 def unfinished(jobs: list[Job], runs_root: Path, log=print) -> tuple[dict[str, str], list[Job]]:
-    """({variant: status}, the jobs to run): finished, running and queued runs are left out."""
+    """({variant: status}, the jobs to run): finished (unless the job sets overwrite: true), running and queued runs
+    are left out. A finished run whose parameters or inputs differ from its job's is refused (ConfigError, before
+    anything runs): skipping it would report the old run's results as the ones asked for."""
     statuses = {j.variant: run_status(runs_root, j.variant) for j in jobs}
-    todo = []
+    todo, differ = [], []
     for job in jobs:
         s = statuses[job.variant]
-        if s in FINISHED:
+        overwrite, changes = finished_run_differs(job, runs_root) if s in FINISHED else (False, [])
+        if overwrite:
+            todo.append(job)
+            log(f"[{job.variant}] {s}: overwrite: true, will run again")
+        elif changes:
+            differ.append(f"  - {job.variant}: " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes))
+        elif s in FINISHED:
             log(f"[{job.variant}] {s}: skipped")
         elif s == "running":
             log(f"[{job.variant}] running in another process: skipped")
@@ -165,6 +192,13 @@ def unfinished(jobs: list[Job], runs_root: Path, log=print) -> tuple[dict[str, s
             todo.append(job)
             resume = RunFolder(runs_root / job.variant).last_checkpoint()
             log(f"[{job.variant}] {s}: " + (f"will resume from {resume.name}" if resume else "will run"))
+    if differ:
+        raise ConfigError(
+            f"{len(differ)} finished run{'s' if len(differ) > 1 else ''} in {runs_root} would be skipped although "
+            "this matrix asks for other parameters or inputs (the run's params.json -> this job):\n"
+            + "\n".join(differ) + "\nFix: --set overwrite=true to run them again with the new values; or give the "
+            "new runs their own names (--grid, --seeds) or their own --runs-root; or leave the changes out to keep "
+            "the finished runs.")
     return statuses, todo
 
 

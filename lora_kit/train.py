@@ -405,7 +405,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     # data line or resume leaves no failed run behind.
     inputs = resolve_inputs(cfg, run, log=log)
     towers, plan, files, evalset = inputs.towers, inputs.plan, inputs.files, inputs.evalset
-    ranks.on_rank0(run.claim, overwrite=cfg.overwrite)  # refuses a completed run or a live second process
+    # refuses a completed run or a live second process; starts over with overwrite, or with nothing to resume
+    ranks.on_rank0(run.claim, overwrite=cfg.overwrite or inputs.resume.kind == "overwrite")
     try:
         set_seed(cfg.seed)
         model_path, processor = inputs.model_path, inputs.processor

@@ -140,7 +140,8 @@ def _smart_resize_tokens(height: int, width: int, factor: int, min_pixels: int, 
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen2_5_vl"])
-@pytest.mark.parametrize("min_pixels, max_pixels", [(None, None), (1024, 64 * 1024), (1024, 4096), (256 * 1024, None)])
+@pytest.mark.parametrize("min_pixels, max_pixels", [(None, None), (1024, 64 * 1024), (1024, 4096), (1024, None),
+                                                    (None, 256 * 1024)])
 def test_the_cap_changes_the_image_tokens_as_the_processor_says(family_ckpt, tmp_path, family, min_pixels, max_pixels):
     from transformers import AutoProcessor
 
@@ -158,6 +159,28 @@ def test_the_cap_changes_the_image_tokens_as_the_processor_says(family_ckpt, tmp
         ref = processor(text=[text], images=[im.convert("RGB")], return_tensors="pt",
                         size={"shortest_edge": bounds[0], "longest_edge": bounds[1]})
     assert encoded.input_ids == ref["input_ids"][0].tolist()
+
+
+def test_a_cap_below_the_processors_own_min_pixels_is_refused_before_the_run_folder(toy_ckpt, mini_world, tmp_path):
+    """max_pixels 4096 alone on the toy, whose processor's own min_pixels is 128 x 128 = 16384: images smaller than
+    16384 px were scaled up to 16384 px (16 tokens), four times the cap, while params.json recorded max_pixels 4096."""
+    from transformers import AutoProcessor
+
+    from lora_kit.train import train
+
+    processor = AutoProcessor.from_pretrained(toy_ckpt)
+    samples, _ = read_jsonl(_sample_file(tmp_path, _image(tmp_path, 40, 40)))
+    with pytest.raises(ConfigError) as e:
+        Encoder(processor, 10_000, max_pixels=4096).encode(samples[0])
+    assert str(e.value).startswith("min_pixels = 16384 (null: the processor's own size.shortest_edge) is above "
+                                   "max_pixels = 4096:") and "set min_pixels to at most 4096" in str(e.value)
+    # with both bounds the cap holds: a 40x40 image takes at most 4096 px (4 tokens of 32 x 32 px)
+    fitted = Encoder(processor, 10_000, min_pixels=1024, max_pixels=4096).encode(samples[0])
+    assert fitted.input_ids.count(processor.image_token_id) == _smart_resize_tokens(40, 40, 32, 1024, 4096) <= 4
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_pixels=4096, variant="P1")
+    with pytest.raises(ConfigError, match="is above max_pixels = 4096"):
+        train(load_config([params]), log=QUIET)
+    assert not (tmp_path / "runs" / "P1").exists()
 
 
 def test_a_too_long_sample_names_its_image_tokens_and_the_cap_that_fits(toy_ckpt, tmp_path):
@@ -190,17 +213,19 @@ def test_the_cap_is_the_same_in_training_evaluation_and_the_spotcheck(toy_ckpt, 
     from lora_kit.spotcheck import Column, Run, load_column
     from lora_kit.train import data_files, train
 
-    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2, llm_last=2, vit_last=0, max_pixels=4096)
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=2, llm_last=2, vit_last=0, min_pixels=1024,
+                         max_pixels=4096)
     cfg = load_config([params])
     run = train(cfg, log=QUIET)
     recorded = json.loads((run / "params.json").read_text())
     assert recorded["config"]["max_pixels"] == 4096
-    assert recorded["image_resolution"] == {"min_pixels": 128 * 128, "max_pixels": 4096, "patch_size": 16,
+    assert recorded["image_resolution"] == {"min_pixels": 1024, "max_pixels": 4096, "patch_size": 16,
                                             "merge_size": 2}
     last = _metrics(run)[-1]
     ckpt = run / last["checkpoint"]
 
-    unset = load_config([params], {"max_pixels": None})  # evaluate without naming the size: the run's is used
+    # evaluate without naming the size: the run's is used
+    unset = load_config([params], {"min_pixels": None, "max_pixels": None})
     result = evaluate_checkpoint(ckpt, unset, files=data_files(unset), out=tmp_path / "eval.json")
     assert result["image_resolution"]["max_pixels"] == 4096
     assert result["metrics"]["eval_loss"] == pytest.approx(last["eval_loss"], abs=1e-4)

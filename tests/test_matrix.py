@@ -94,3 +94,43 @@ def test_parallel_cpu_jobs_share_the_cores_as_torch_threads(tmp_path, monkeypatc
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
     matrix.run_job(Job("C2", PARAMS_DIR / "C2.yaml"), tmp_path, parallel=2, log=lambda *_: None)
     assert seen[2]["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_finished_run_is_redone_with_overwrite_and_refused_when_the_job_differs(toy_ckpt, mini_world, tmp_path):
+    """`matrix --set lora_rank=8` (or the same matrix on edited data) beside a finished A1 said "[A1] completed:
+    skipped" and the summary then showed the old run as the one asked for; `--set overwrite=true` was skipped too."""
+    import hashlib
+
+    from lora_kit.config import load_config
+    from lora_kit.inputs import data_files
+    from lora_kit.matrix import unfinished
+    from lora_kit.setups import describe_setup
+
+    runs = tmp_path / "runs"
+    own = {"model": str(toy_ckpt), "profile": "none", **{k: str(mini_world / f) for k, f in (
+        ("train_file", "task_train.jsonl"), ("val_file", "task_val.jsonl"), ("bench_file", "bench.jsonl"),
+        ("general_file", "general_eval.jsonl"), ("spotcheck_file", "spotcheck.jsonl"), ("terms_file", "terms.json"))}}
+    terms = tmp_path / "terms.json"  # a copy the test may edit
+    terms.write_text((mini_world / "terms.json").read_text(encoding="utf-8"), encoding="utf-8")
+    own["terms_file"] = str(terms)
+    cfg = load_config([PARAMS_DIR / "A1.yaml"], {**own, "output_dir": str(runs)})
+    files = data_files(cfg)
+    (runs / "A1").mkdir(parents=True)
+    write_json_atomic(runs / "A1" / "params.json", {  # what train() records, without training
+        "config": cfg.to_dict(), "model_path": str(toy_ckpt), "data_files": {k: str(v) for k, v in files.items()},
+        "setup": describe_setup(cfg, toy_ckpt, files)})
+    write_json_atomic(runs / "A1" / "summary.json", {"variant": "A1", "status": "completed"})
+    job = lambda **extra: [Job("A1", PARAMS_DIR / "A1.yaml", {**own, **extra})]  # noqa: E731
+    log = []
+    assert unfinished(job(), runs, log.append) == ({"A1": "completed"}, []) and "[A1] completed: skipped" in log
+    with pytest.raises(ConfigError) as e:
+        unfinished(job(lora_rank=8), runs, log.append)
+    assert "1 finished run in" in str(e.value) and "  - A1: lora_rank: 16 -> 8" in str(e.value)
+    assert "--set overwrite=true" in str(e.value)
+    old = hashlib.sha256(terms.read_bytes()).hexdigest()[:12]
+    terms.write_text('{"colours": ["红色"], "shapes": ["圆形"]}', encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"A1: terms_file \(its content, sha256\): '{old}\.\.\.' -> "):
+        unfinished(job(), runs, log.append)
+    log.clear()
+    statuses, todo = unfinished(job(lora_rank=8, overwrite=True), runs, log.append)
+    assert [j.variant for j in todo] == ["A1"] and log == ["[A1] completed: overwrite: true, will run again"]

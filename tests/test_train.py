@@ -142,14 +142,23 @@ def test_a_guardrail_that_cannot_hold_is_refused_before_training(toy_ckpt, mini_
 
 def test_a_run_that_reaches_its_last_step_is_completed_with_the_triggers_it_recorded(toy_ckpt, mini_world, tmp_path):
     """Issue 17 case 10: with early_stopping false the same unholdable guardrail only warns; the run trains to
-    its last step, so it is completed (not stopped_early), and every trigger it recorded is listed."""
+    its last step, so it is completed (not stopped_early), and every trigger it recorded is listed. The refusal's
+    fix works as said: the refused run left a failed folder without a checkpoint, so the same run with
+    early_stopping false starts over there (it was refused as a resume with changed parameters)."""
     from lora_kit.config import load_config
+    from lora_kit.errors import ConfigError
     from lora_kit.train import train
 
     said = []
     params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=6, irrelevant_min=1.0, variant="G2",
-                         llm_last=2, vit_last=0, early_stopping=False)
-    run = train(load_config([params]), log=said.append)
+                         llm_last=2, vit_last=0)
+    with pytest.raises(ConfigError, match="Or set early_stopping: false"):
+        train(load_config([params]), log=said.append)
+    assert json.loads((tmp_path / "runs" / "G2" / "summary.json").read_text())["status"] == "failed"
+    run = train(load_config([params], {"early_stopping": False}), log=said.append)
+    assert any("G2: " in line and "without a checkpoint; it starts over with the new values (early_stopping: True "
+               "-> False)" in line for line in said)
+    assert json.loads((run / "params.json").read_text())["config"]["early_stopping"] is False
     summary = json.loads((run / "summary.json").read_text())
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 2, 4, 6] and summary["steps"] == 6
@@ -406,6 +415,34 @@ def test_a_resume_with_changed_parameters_is_refused_and_params_json_stays(toy_c
     assert not any("resuming" in line for line in logs)
     assert json.loads((run / "params.json").read_text())["config"]["lora_rank"] == 8
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 2, 4]
+
+
+def test_a_resume_on_a_data_file_edited_in_place_is_refused(toy_ckpt, mini_world, tmp_path):
+    """Same parameters, same paths, but the training file lost half its lines after the kill: the run resumed on 12
+    samples instead of 24 (another epoch length and data order) without a word."""
+    import hashlib
+
+    from lora_kit.config import load_config
+    from lora_kit.errors import ConfigError
+    from lora_kit.train import train
+
+    own = tmp_path / "own_train.jsonl"  # absolute image paths, so the copy reads the world's images
+    rows = [json.loads(line) for line in (mini_world / "task_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    lines = [json.dumps({**r, "images": [str(mini_world / p) for p in r["images"]]}, ensure_ascii=False) for r in rows]
+    own.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, max_steps=4, variant="R3", llm_last=2, vit_last=0,
+                         train_file=str(own))
+    run = train(load_config([params]), log=lambda *_: None)
+    _killed_after_checkpoint_2(run)
+    before = (run / "params.json").read_bytes()
+    sha = lambda: hashlib.sha256(own.read_bytes()).hexdigest()[:12]  # noqa: E731
+    old = sha()
+    own.write_text("\n".join(lines[:12]) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as e:
+        train(load_config([params]), log=lambda *_: None)
+    assert f"train_file (its content, sha256): '{old}...' -> '{sha()}...'" in str(e.value)
+    assert "from checkpoint-2" in str(e.value) and "overwrite: true" in str(e.value)
+    assert (run / "params.json").read_bytes() == before and (run / "checkpoints" / "checkpoint-2").is_dir()
 
 
 def test_modules_to_save_train_exactly_what_was_asked(toy_ckpt, mini_world, tmp_path):
