@@ -25,6 +25,7 @@ from .guardrails import apply_verdicts
 from .metrics import BY_NAME, GENERALITY, column, columns, direction, is_rate, metric_of, split_column, title
 from .paths import outputs_dir, runs_dir
 from .rundir import RunFolder, read_jsonl_records
+from .scoring import wilson_interval
 from .setups import setup_differences, setup_id, setup_label, setup_of
 from .views import flatten_record, in_notebook, metrics_frame
 
@@ -517,7 +518,8 @@ def replicate_of(variant: str) -> str:
 
 def seed_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per variant over its seeds: each metric's mean with a 95% t-interval across seeds (`_lo`,
-    `_hi`; rates clipped to [0, 1]), `n_seeds`, and `frontier_share`: in how many of the seeds the variant
+    `_hi`; a rate's interval also covers the Wilson interval of its counts pooled over the seeds), `n_seeds`,
+    and `frontier_share`: in how many of the seeds the variant
     was on that seed's Pareto front (front_objectives among the feasible runs of that seed, A0 included).
     With one seed a variant keeps its own row, its rates' Wilson intervals and no loss interval."""
     from scipy import stats
@@ -549,8 +551,13 @@ def seed_table(df: pd.DataFrame) -> pd.DataFrame:
                 mean, half = values.mean(), stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / len(values) ** 0.5
                 lo, hi = mean - half, mean + half
                 if is_rate(col):
-                    lo, hi = max(0.0, lo), min(1.0, hi)
-                    row[f"{col}_n"] = pd.to_numeric(group.get(f"{col}_n"), errors="coerce").sum()
+                    # seeds that agree give a t-interval of width 0, which is no evidence of precision: a rate's
+                    # interval is at least the Wilson interval of the pooled counts (k and n summed over seeds)
+                    n = pd.to_numeric(group.get(f"{col}_n"), errors="coerce")
+                    k = (pd.to_numeric(group[col], errors="coerce") * n).round().sum()
+                    pooled = wilson_interval(int(k), int(n.sum())) if n.notna().all() and n.sum() > 0 else (lo, hi)
+                    lo, hi = max(0.0, min(lo, pooled[0])), min(1.0, max(hi, pooled[1]))
+                    row[f"{col}_n"] = n.sum()
                 row |= {col: mean, f"{col}_lo": lo, f"{col}_hi": hi, f"{col}_sd": values.std(ddof=1)}
         rows.append(row)
     return pd.DataFrame(rows).drop(columns=["_on_front", "replicate_of"], errors="ignore")

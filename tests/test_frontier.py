@@ -348,6 +348,10 @@ def test_seed_table_means_intervals_and_frontier_share(tmp_path):
     assert a2["irrelevant_pass@general"] == pytest.approx(0.8) and a2["irrelevant_pass@general_n"] == 120
     assert a2["irrelevant_pass@general_hi"] == 1.0 and 0 <= a2["irrelevant_pass@general_lo"] < 0.8
     assert table.loc["A0", "n_seeds"] == 1
+    # C2's irrelevant pass is 0.95 (38/40) in every seed: the t-interval has width 0, so the pooled counts' Wilson
+    # interval (114/120) is the interval
+    c2_irr = (table.loc["C2", "irrelevant_pass@general_lo"], table.loc["C2", "irrelevant_pass@general_hi"])
+    assert c2_irr == pytest.approx((rate(114, 120).lo, rate(114, 120).hi))
 
 
 def test_h4_reads_the_trajectory_after_the_first_guardrail_movement():
