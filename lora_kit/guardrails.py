@@ -378,7 +378,7 @@ def guardrails_that_cannot_act(baseline: Mapping, cfg: Any) -> list[dict[str, st
                 f"irrelevant_drop {under} cannot hold: the baseline already passes only {k}/{n} ({_pct(base_irr)}) "
                 f"irrelevant images, below irrelevant_min = {cfg.irrelevant_min:g}, so every evaluation counts as a "
                 f"drop and the trigger fires at evaluation {cfg.irrelevant_patience} whatever the run learns. Fix: "
-                f"set irrelevant_min below the baseline's {base_irr:.2f} (irrelevant_min: 0 keeps only the relative "
+                f"set irrelevant_min at or below the baseline's {base_irr:.2f} (irrelevant_min: 0 keeps only the relative "
                 f"drop of irrelevant_drop_max = {cfg.irrelevant_drop_max:g}), use a benchmark whose irrelevant "
                 f"images the base answers with irrelevant_label = {cfg.irrelevant_label!r}, or leave {probe!r} out "
                 "of guardrail_probes.")})

@@ -133,7 +133,7 @@ def test_a_guardrail_that_cannot_hold_is_refused_before_training(toy_ckpt, mini_
                          llm_last=2, vit_last=0)
     with pytest.raises(ConfigError, match=r"irrelevant_drop under the general prompt cannot hold: the baseline already "
                                           r"passes only 0/4 .*"
-                                          r"below irrelevant_min = 1.*Fix: set irrelevant_min below.*early_stopping"):
+                                          r"below irrelevant_min = 1.*Fix: set irrelevant_min at or below.*early_stopping"):
         train(load_config([params]), log=lambda *_: None)
     run = RunFolder(tmp_path / "runs" / "G1")
     assert [m["step"] for m in run.read_metrics()] == [0] and not (run.path / "checkpoints").exists()
