@@ -23,23 +23,23 @@ def study(toy_ckpt, mini_world, tmp_path_factory):
     overrides = {k: v for k, v in json.loads(params.read_text()).items() if k != "output_dir"}
     jobs = plan_jobs(["A1", "C2"], overrides=overrides)
     statuses = run_matrix(jobs, runs_root=tmp / "runs", log=lambda *_: None)
-    return tmp, statuses
+    return tmp, statuses, overrides
 
 
 def test_matrix_runs_every_variant_and_keeps_the_executed_notebook(study):
-    tmp, statuses = study
+    tmp, statuses, overrides = study
     assert set(statuses) == {"A0", "A1", "C2"}
     assert set(statuses.values()) <= {"completed", "stopped_early"}
     for v in ("A0", "A1", "C2"):
         nb = json.loads((tmp / "runs" / v / "train.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"])  # the executed copy, with its outputs
-    # a second matrix run skips them all
-    again = run_matrix(plan_jobs(["A1", "C2"]), runs_root=tmp / "runs", log=lambda *_: None)
+    # a second matrix run of the same jobs skips them all (other parameters would be refused: test_matrix)
+    again = run_matrix(plan_jobs(["A1", "C2"], overrides=overrides), runs_root=tmp / "runs", log=lambda *_: None)
     assert again == statuses
 
 
 def test_summary_notebook_on_real_runs(study):
-    tmp, _ = study
+    tmp, _, _ = study
     out = tmp / "summary"
     proc = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS_DIR / "summary.ipynb"),
                            str(tmp / "summary.ipynb"), "-p", "runs_root", str(tmp / "runs"), "-p", "out_dir", str(out),
