@@ -145,8 +145,6 @@ def check_adapter(meta: nn.Module, folder: str | Path, *, what: str) -> AdapterC
     model (targeting.meta_model): nothing is loaded and `meta` is not modified."""
     from peft import get_peft_model
 
-    from .targeting import wrapped_modules
-
     folder = Path(folder)
     config = adapter_config(folder, what)
     mapping = key_mapping(meta)

@@ -33,10 +33,6 @@ class Metric:
     params: tuple[str, ...] = ()  # the RunConfig fields that set its thresholds
     show: frozenset[str] = frozenset()  # where it appears: table, frontier, heatmap, curves, run
 
-    @property
-    def lower_is_better(self) -> bool:
-        return self.better == "min"
-
 
 _EVERYWHERE = frozenset({"table", "frontier", "heatmap", "curves", "run"})
 METRICS: tuple[Metric, ...] = (

@@ -13,7 +13,6 @@ from lora_kit.config import load_config
 from lora_kit.data import Encoder, read_jsonl
 from lora_kit.errors import ConfigError, DataError
 
-from conftest import CORPUS
 from test_train import tiny_params
 
 QUIET = lambda *_: None  # noqa: E731

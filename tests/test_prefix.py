@@ -58,14 +58,11 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("llm_last, vit_last", [(2, 0), (0, 6), (2, 4), (6, 0)])
-@pytest.mark.parametrize("packing", [True, False])
-def test_fast_loss_and_gradients_equal_the_models_own(toy_ckpt, encoded, llm_last, vit_last, packing):
-    model, processor = lora_model(toy_ckpt, llm_last, vit_last)
-    collate = Collator(processor, model, packing, 256, rows=True)
-    prefix = FrozenPrefix(model, plan_prefix(model))
-    assert prefix.plan.mode != "none"
-    for step, batch_samples in enumerate((encoded[:4], encoded[2:6])):  # the second batch hits the cache twice
+def _check_fast_path(model, prefix, collate, encoded) -> None:
+    """The fast loss and gradients equal the model's own on two overlapping batches (the second hits the
+    cache twice), with an optimizer-like step between them: the trained layers change, the cached prefix
+    stays valid."""
+    for batch_samples in (encoded[:4], encoded[2:6]):
         batch = collate(batch_samples)
         rows = batch.pop("rows")
         model.zero_grad()
@@ -78,10 +75,20 @@ def test_fast_loss_and_gradients_equal_the_models_own(toy_ckpt, encoded, llm_las
         assert float(fast.detach()) == pytest.approx(float(plain.detach()), rel=1e-5, abs=1e-6)
         for name, g in _grads(model).items():
             torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-        with torch.no_grad():  # an optimizer step: the trained layers change, the cached prefix stays valid
+        with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
                     p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.parametrize("llm_last, vit_last", [(2, 0), (0, 6), (2, 4), (6, 0)])
+@pytest.mark.parametrize("packing", [True, False])
+def test_fast_loss_and_gradients_equal_the_models_own(toy_ckpt, encoded, llm_last, vit_last, packing):
+    model, processor = lora_model(toy_ckpt, llm_last, vit_last)
+    collate = Collator(processor, model, packing, 256, rows=True)
+    prefix = FrozenPrefix(model, plan_prefix(model))
+    assert prefix.plan.mode != "none"
+    _check_fast_path(model, prefix, collate, encoded)
     assert prefix.hits == 2 and prefix.misses == 6  # samples 2 and 3 came from the cache
 
 
@@ -130,23 +137,7 @@ def test_each_family_fast_loss_and_gradients_equal_the_models_own(family_ckpt, m
     prefix = FrozenPrefix(model, plan_prefix(model))
     assert (prefix.plan.mode, prefix.plan.llm_start, prefix.plan.vit_start) == (mode, llm_start, vit_start)
     collate = Collator(processor, model, packing, 256, rows=True)
-    for batch_samples in (encoded[:4], encoded[2:6]):  # the second batch hits the cache twice
-        batch = collate(batch_samples)
-        rows = batch.pop("rows")
-        model.zero_grad()
-        plain = model(**batch).loss
-        plain.backward()
-        plain_grads = _grads(model)
-        model.zero_grad()
-        fast = prefix.loss(batch, rows)
-        fast.backward()
-        assert float(fast.detach()) == pytest.approx(float(plain.detach()), rel=1e-5, abs=1e-6)
-        for name, g in _grads(model).items():
-            torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.05)
+    _check_fast_path(model, prefix, collate, encoded)
     assert prefix.hits == 2 and prefix.misses == 6
 
 

@@ -151,7 +151,7 @@ def test_bad_inputs_are_refused_before_the_run_folder_exists(toy_ckpt, mini_worl
                                                                          json.loads(l)["images"]]})
                                  for l in lines[:1]] + [json.dumps(row)]) + "\n", encoding="utf-8")
     quiet = lambda *_: None  # noqa: E731
-    cases = [({"bench_file": str(bench)}, DataError, rf"bench.jsonl:2: image .*missing.png.* does not exist"),
+    cases = [({"bench_file": str(bench)}, DataError, r"bench.jsonl:2: image .*missing.png.* does not exist"),
              ({"target_regex": r"model\.language_model\.layers\.(6|7)\..*", "llm_last": 0, "variant": "X"},
               TargetingError, "not Linear layers"),
              ({"modules_to_save": ["visual.mergr"], "freeze_aligner": False}, TargetingError, "matches no module")]
