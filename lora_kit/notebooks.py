@@ -90,7 +90,8 @@ def parameters_cell() -> str:
              "# comes from params/defaults.yaml -> params/profiles/<profile>.yaml -> params_file (the [default]s below).",
              "from typing import Optional",
              "",
-             "params_file: Optional[str] = None  # a params/*.yaml variant file to start from, e.g. ../params/C2.yaml"]
+             "params_file: Optional[str] = None  # a params/*.yaml variant file to start from, e.g. ../params/C2.yaml "
+             "(a list of files with -y, merged in order)"]
     for f in dataclasses.fields(RunConfig):
         lines.append(f"{f.name}: {_annotation(f)} = None  # {help_line(f.name)}")
     return "\n".join(lines)
@@ -117,7 +118,8 @@ def train_notebook() -> nbformat.NotebookNode:
             from lora_kit.views import notebook_overrides, show_plan, show_run
 
             overrides = notebook_overrides(globals(), RunConfig, before=_names_before_parameters)
-            cfg = load_config([params_file] if params_file else [], overrides, overrides_source="notebook parameters")
+            files = params_file if isinstance(params_file, list) else [params_file] if params_file else []
+            cfg = load_config(files, overrides, overrides_source="notebook parameters")
             print(f"variant {cfg.variant_name}: llm_last={cfg.llm_last}, vit_last={cfg.vit_last}, model={cfg.model}")""")),
         new_markdown_cell("## The modules that get LoRA"),
         new_code_cell("show_plan(cfg)"),
