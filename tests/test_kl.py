@@ -1,0 +1,57 @@
+"""The forgetting signal: KL(start model || current) per probe group, from the same model with adapters off."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lora_kit.config import RunConfig
+from lora_kit.data import IGNORE_INDEX, Encoder, collate_padded, read_jsonl
+from lora_kit.evaluate import EvalSet, _answered, generate, kl_to_base, probe_of
+from lora_kit.targeting import find_towers, plan_targets
+from lora_kit.train import attach_lora
+
+
+def test_kl_equals_a_direct_computation_with_a_separate_base_model(toy_ckpt, mini_world):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(toy_ckpt)
+    encoder = Encoder(processor, 256)
+    bench, _ = read_jsonl(mini_world / "bench.jsonl", need_assistant=False)
+    bench = [s for p in ("general", "task") for s in [b for b in bench if probe_of(b) == p][:3]]
+    cfg = RunConfig(model=str(toy_ckpt), profile="none", llm_last=2, vit_last=2, lora_dropout=0.0,
+                    per_device_eval_batch_size=4, max_new_tokens=6)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(toy_ckpt)
+    towers = find_towers(model)
+    model, _ = attach_lora(model, plan_targets(towers, 2, 2), towers, cfg)
+    for name, p in model.named_parameters():  # B starts at zero (KL 0); move the model away from its base
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    es = EvalSet(val=[], train_subset=[], general=[], bench=bench, spotcheck=[], terms={})
+    got = kl_to_base(model, encoder, es, cfg)
+
+    base = AutoModelForImageTextToText.from_pretrained(toy_ckpt).eval()  # a second copy, read from the same folder
+    assert es.base_answers == [g.answer for g in generate(base, encoder, bench, max_new_tokens=6)]
+    sums, counts = {}, {}
+    with torch.no_grad():
+        for s, answer in zip(bench, es.base_answers):  # one sample at a time: no padding involved
+            e = encoder.encode(_answered(s, answer))
+            inputs = collate_padded([e], processor.tokenizer.pad_token_id, encoder.image_token_id)  # one row: no padding
+            inputs.pop("labels")
+            keep = torch.tensor(e.labels[1:]) != IGNORE_INDEX
+            lp = base(**inputs).logits[0, :-1][keep].double().log_softmax(-1)
+            lq = model(**inputs).logits[0, :-1][keep].double().log_softmax(-1)
+            probe = probe_of(s)
+            sums[probe] = sums.get(probe, 0.0) + float((lp.exp() * (lp - lq)).sum())
+            counts[probe] = counts.get(probe, 0) + int(keep.sum())
+    assert sorted(got) == ["general", "task"]
+    for probe in got:
+        assert got[probe]["kl_base_tokens"] == counts[probe] > 0
+        assert math.isclose(got[probe]["kl_base"], sums[probe] / counts[probe], rel_tol=0, abs_tol=1e-5)
+        assert got[probe]["kl_base"] > 1e-4  # the perturbed adapter moved the model: the test can fail
+    # with the adapter at zero the model is its base: KL 0
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.zeros_(p)
+    assert all(abs(v["kl_base"]) < 1e-6 for v in kl_to_base(model, encoder, es, cfg).values())
