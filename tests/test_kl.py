@@ -55,3 +55,21 @@ def test_kl_equals_a_direct_computation_with_a_separate_base_model(toy_ckpt, min
         if "lora_B" in name:
             torch.nn.init.zeros_(p)
     assert all(abs(v["kl_base"]) < 1e-6 for v in kl_to_base(model, encoder, es, cfg).values())
+
+
+def test_kl_rise_fires_only_when_its_threshold_is_set():
+    """kl_base_max null: KL is a metric, never a trigger; set: bad above it for kl_patience evaluations."""
+    from lora_kit.guardrails import active_triggers
+
+    def rec(step, kl_task):
+        return {"step": step, "eval_loss": 1.0, "train_loss": 1.0,
+                "probes": {"general": {"kl_base": 0.01, "kl_base_tokens": 40},
+                           "task": {"kl_base": kl_task, "kl_base_tokens": 40}}}
+
+    history = [rec(0, 0.0), rec(2, 0.6), rec(4, 0.3), rec(6, 0.7), rec(8, 0.8)]
+    baseline = history[0]
+    assert not [t for t in active_triggers(history, baseline, RunConfig(profile="none")) if t.name == "kl_rise"]
+    cfg = RunConfig(profile="none", kl_base_max=0.5, kl_patience=2)
+    fired = [t for t in active_triggers(history, baseline, cfg) if t.name == "kl_rise"]
+    assert [(t.step, t.probe, t.values["values"]) for t in fired] == [(8, "task", [0.7, 0.8])]
+    assert not [t for t in active_triggers(history[:4], baseline, cfg) if t.name == "kl_rise"]  # 0.3 reset the run
