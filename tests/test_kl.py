@@ -73,3 +73,24 @@ def test_kl_rise_fires_only_when_its_threshold_is_set():
     fired = [t for t in active_triggers(history, baseline, cfg) if t.name == "kl_rise"]
     assert [(t.step, t.probe, t.values["values"]) for t in fired] == [(8, "task", [0.7, 0.8])]
     assert not [t for t in active_triggers(history[:4], baseline, cfg) if t.name == "kl_rise"]  # 0.3 reset the run
+
+
+def test_kl_prediction_is_a_rank_correlation_with_next_evaluation_forgetting():
+    """Pairs: KL at evaluation i and (irrelevant drop + hallucination rise) from i to i+1; step 0 left out."""
+    import pandas as pd
+    from scipy import stats
+
+    from lora_kit.frontier import kl_prediction
+
+    def frame(kl, irr, hal):
+        return pd.DataFrame({"step": [0, 2, 4, 6], "kl_base@task": kl, "irrelevant_pass@task": irr,
+                             "hallucination@task": hal})
+
+    curves = {"B1": (frame([0.0, 0.1, 0.4, 0.2], [0.9, 0.9, 0.8, 0.4], [0.1, 0.1, 0.1, 0.2]), {}),
+              "B2": (frame([0.0, 0.05, 0.3, 0.9], [0.9, 0.9, 0.9, 0.9], [0.1, 0.1, 0.15, 0.15]), {})}
+    got = kl_prediction(curves)
+    # by hand: B1 pairs (0.1, 0.1), (0.4, 0.5); B2 pairs (0.05, 0.05), (0.3, 0.0)
+    x, y = [0.1, 0.4, 0.05, 0.3], [0.1, 0.5, 0.05, 0.0]
+    assert got["n"] == 4 and got["runs"] == 2
+    assert abs(got["rho"] - stats.spearmanr(x, y).statistic) < 1e-12 and abs(got["rho"] - 0.4) < 1e-12
+    assert kl_prediction({"A0": (frame([0.0] * 4, [0.9] * 4, [0.1] * 4), {})})["rho"] is None  # no spread
