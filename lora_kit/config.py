@@ -666,9 +666,37 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     raise TypeError(f"RunConfig field type {hint!r} has no check")  # a bug in this file
 
 
+def coerce_text(key: str, value: Any) -> Any:
+    """A string given for a number or a bool read as `--set` reads it (`2e-4` -> 0.0002, `true` -> True); anything
+    else unchanged. For papermill, which reads -f / -y files as YAML 1.1 (where `2e-4` is a string)."""
+    hint = _hints().get(key)
+    if not isinstance(value, str) or hint is None:
+        return value
+    inner = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, types.UnionType) else [hint]
+    if inner and inner[0] in (int, float, bool):
+        try:
+            parsed = yaml.load(value, Loader=_Loader)
+        except _YAML_ERRORS:
+            return value
+        if isinstance(parsed, (int, float, bool)):
+            return parsed
+    return value
+
+
+NOTEBOOK_SOURCE = "notebook parameters"  # overrides_source of train.ipynb's values (papermill -p / -y / -f)
+
+
 def _type_problem(key: str, value: Any, expected: str, source: str, where: str = "") -> _Problem:
     example = _yaml_value(_example(key))
-    fix = f"--set {key}={example}" if source == "--set" else f"{key}: {example}"
+    if source == "--set":
+        fix = f"--set {key}={example}"
+    elif source == NOTEBOOK_SOURCE:
+        command = (f"papermill -p {key} {example}" if not isinstance(_example(key), (list, tuple))
+                   else f"papermill -y '{key}: {example}'")
+        return _Problem(f"{key} = {_show(value)}", expected,
+                        f"write it like `{command}` (or `{key}: {example}` in the -f file)", where=where)
+    else:
+        fix = f"{key}: {example}"
     if isinstance(value, str) and "string" not in expected and not expected.startswith("one of"):
         fix += " (unquoted)"
     return _Problem(f"{key} = {_show(value)}", expected, f"write it like `{fix}`", where=where)
@@ -684,6 +712,9 @@ def _example(key: str) -> Any:
 def _unknown_problem(key: Any, value: Any, where: str) -> _Problem:
     close = difflib.get_close_matches(str(key), list(_hints()), n=1, cutoff=0.6)
     fix = f"did you mean {close[0]}?" if close else "see params/defaults.yaml for every parameter"
+    if where == NOTEBOOK_SOURCE:
+        fix += (" (from papermill's -p, -y or -f; `papermill --help-notebook notebooks/train.ipynb` lists them; "
+                "`-p params_file my.yaml` instead of `-f my.yaml` also gives the file's line numbers)")
     return _Problem(f"{key} = {_show(value)}" if isinstance(key, str) else f"key {_show(key)}",
                     "a known parameter name", fix, params=(), where=where)
 
