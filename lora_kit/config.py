@@ -212,6 +212,11 @@ class RunConfig:
     blind captions than the baseline's. Manual spot-check verdicts, when present, decide instead."""
     caption_patience: int = 2
     """Trigger when free-form caption sanity degrades this many evaluations in a row."""
+    kl_base_max: float | None = None
+    """Trigger when the KL to the start model (metric kl_base: nats per token on the start model's greedy
+    benchmark answers, per probe group) exceeds this ...; null = no trigger, KL is still measured and reported."""
+    kl_patience: int = 2
+    """... for this many consecutive evaluations."""
     best_irrelevant_margin: float = 0.1
     """Best checkpoint: only among checkpoints with irrelevant pass >= baseline - this (absolute:
     0.1 = 10 points) ..."""
@@ -720,7 +725,7 @@ _AT_LEAST = {
     "max_length": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
     "gradient_accumulation_steps": 1, "seed": 0, "eval_steps": 1, "save_steps": 1,
     "logging_steps": 1, "max_new_tokens": 1, "eval_max_samples": 1, "exact_match_samples": 0, "irrelevant_patience": 1,
-    "hallucination_patience": 1, "gap_patience": 1, "caption_patience": 1, "nproc": 1, "plateau_patience": 0,
+    "hallucination_patience": 1, "gap_patience": 1, "caption_patience": 1, "kl_patience": 1, "nproc": 1, "plateau_patience": 0,
 }
 _LEARNING_RATES = ("learning_rate", "vit_lr", "aligner_lr")  # > 0
 _FRACTIONS = (  # in [0, 1]
@@ -755,6 +760,9 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
     for name in _FRACTIONS:
         if not 0 <= c[name] <= 1:
             bad([name], "a fraction in [0, 1]", f"set {name} to e.g. {default(name)}")
+    if c["kl_base_max"] is not None and not c["kl_base_max"] > 0:
+        bad(["kl_base_max"], "null (no KL trigger) or a KL > 0 in nats per token",
+            "set kl_base_max to null, or to a KL a run should not exceed, e.g. 0.5")
     for name in _NON_NEGATIVE:
         if c[name] < 0:
             bad([name], "a number >= 0", f"set {name} to e.g. {default(name)}")
