@@ -190,22 +190,26 @@ class RunConfig:
     # ---- guardrails (checked at every evaluation) ----
     irrelevant_drop_max: float = 0.2
     """Trigger when the irrelevant-image pass rate falls more than this fraction below baseline
-    (relative: 0.2 = a 20% drop) ..."""
+    (relative: 0.2 = a 20% drop), or below irrelevant_min, for irrelevant_patience consecutive evaluations."""
     irrelevant_min: float = 0.8
-    """... or below this absolute pass rate (a baseline already below it makes every evaluation a drop:
-    a run that would train with early_stopping is refused at step 0) ..."""
+    """The irrelevant-image trigger also counts an evaluation whose pass rate is below this absolute rate (a
+    baseline already below it makes every evaluation a drop: a run that would train with early_stopping is
+    refused at step 0)."""
     irrelevant_patience: int = 2
-    """... for this many consecutive evaluations."""
+    """Consecutive evaluations with a dropped irrelevant-image pass rate (irrelevant_drop_max,
+    irrelevant_min) before that guardrail triggers."""
     hallucination_rise_max: float = 0.15
     """Trigger when the hallucination rate rises more than this (absolute, 0.15 = 15 points) over
-    baseline ..."""
+    baseline for hallucination_patience consecutive evaluations."""
     hallucination_patience: int = 2
-    """... for this many consecutive evaluations."""
+    """Consecutive evaluations with a risen hallucination rate (hallucination_rise_max) before that
+    guardrail triggers."""
     gap_widen_max: float = 0.06
     """Trigger when the generalization gap (eval - train loss) widens more than this above its
-    best (lowest) value ..."""
+    best (lowest) value and keeps worsening for gap_patience evaluation intervals."""
     gap_patience: int = 2
-    """... and keeps worsening for this many evaluation intervals."""
+    """Evaluation intervals in which a widened generalization gap (gap_widen_max) keeps worsening before
+    that guardrail triggers."""
     caption_chrf_min: float = 40.0
     """Caption sanity (automatic proxy): captions whose mean chrF (0-100) against the baseline's
     captions of the same images is below this count as degraded; so do more hallucinated or more
@@ -214,14 +218,16 @@ class RunConfig:
     """Trigger when free-form caption sanity degrades this many evaluations in a row."""
     kl_base_max: float | None = None
     """Trigger when the KL to the start model (metric kl_base: nats per token on the start model's greedy
-    benchmark answers, per probe group) exceeds this ...; null = no trigger, KL is still measured and reported."""
+    benchmark answers, per probe group) exceeds this for kl_patience consecutive evaluations; null = no trigger,
+    KL is still measured and reported."""
     kl_patience: int = 2
-    """... for this many consecutive evaluations."""
+    """Consecutive evaluations with the KL to the start model above kl_base_max before that guardrail triggers."""
     best_irrelevant_margin: float = 0.1
     """Best checkpoint: only among checkpoints with irrelevant pass >= baseline - this (absolute:
-    0.1 = 10 points) ..."""
+    0.1 = 10 points) and hallucination within best_hallucination_margin; then the lowest eval loss wins."""
     best_hallucination_margin: float = 0.1
-    """... and hallucination <= baseline + this; then the lowest eval loss wins."""
+    """Best checkpoint: only among checkpoints with hallucination <= baseline + this (absolute: 0.1 = 10
+    points) and irrelevant pass within best_irrelevant_margin; then the lowest eval loss wins."""
     guardrail_probes: tuple[str, ...] = ()
     """Benchmark probe groups (the rows' `probe` field, e.g. general, task) whose rates the triggers and
     the best-checkpoint constraint watch, each against its own baseline; [] = every group."""

@@ -461,3 +461,14 @@ def test_any_set_items_give_config_or_config_error(items):
 def test_loading_does_not_depend_on_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_config([PARAMS_DIR / "C2.yaml"]).variant == "C2"
+
+
+def test_every_parameter_description_reads_on_its_own():
+    """Issue 20: papermill's help and defaults.yaml show each description alone; "... for this many" said nothing."""
+    from lora_kit.config import field_docs
+
+    docs = field_docs()
+    assert set(docs) == {f.name for f in dataclasses.fields(RunConfig)}
+    for name, doc in docs.items():
+        assert not doc.startswith("...") and "..." not in doc.replace("(version, wrap policy, ...)", "") \
+            .replace('[...]', ''), (name, doc)

@@ -72,7 +72,7 @@ def test_help_shows_each_parameters_whole_description_and_effective_default():
     assert shown["eval_steps"].help.endswith("[default 20 (toy profile; 50 without)]")
     assert shown["model"].help.count("(e.g.") == 1 and shown["model"].help.rstrip().endswith("[default toy]")
     assert "0 ≤ seed < 2**32" in shown["seed"].help
-    assert shown["irrelevant_min"].help.startswith("with irrelevant_drop_max: or below this absolute pass rate")
+    assert shown["irrelevant_min"].help.startswith("The irrelevant-image trigger also counts an evaluation whose pass rate")
 
 
 def test_papermill_parameters_go_through_the_cli_loader(tmp_path):
