@@ -140,7 +140,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo()
+    return run_demo(jobs=args.jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="what `make demo` runs")
+    p.add_argument("--jobs", type=int, default=1, help="variants run in parallel, as matrix --jobs (on a CPU each "
+                                                       "gets its share of the cores as torch threads)")
     p.set_defaults(func=cmd_demo)
     return parser
 
