@@ -71,7 +71,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_matrix(args) -> int:
     from .config import parse_set
-    from .matrix import plan_jobs, run_matrix, slurm_executor, status_table, submit_matrix, unfinished
+    from .matrix import check_jobs, plan_jobs, run_matrix, slurm_executor, status_table, submit_matrix, unfinished
     from .paths import runs_dir
 
     runs_root = Path(args.runs_root) if args.runs_root else None
@@ -89,7 +89,9 @@ def cmd_matrix(args) -> int:
     overrides = parse_set(args.set)
     if args.profile:
         overrides["profile"] = args.profile
-    jobs = plan_jobs(args.variants, all_variants=args.all, grid=args.grid, overrides=overrides, seeds=args.seeds)
+    jobs = plan_jobs(args.variants, all_variants=args.all, grid=args.grid, overrides=overrides, seeds=args.seeds,
+                     files=args.file)
+    check_jobs(jobs, runs_dir(None) if runs_root is None else runs_root)  # nothing runs or is submitted otherwise
     if args.backend == "slurm":
         root = runs_dir(None) if runs_root is None else runs_root
         if args.dry_run:
@@ -189,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every variant of the study, the D row included")
     p.add_argument("--jobs", type=int, default=1, help="variants run in parallel (one GPU each when present)")
     p.add_argument("--profile", default=None, help="params profile for every run (toy, none)")
+    p.add_argument("-f", "--file", action="append", default=[],
+                   help="a params YAML merged before every variant's own file (repeatable, in order), as train -f")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a grid around each chosen variant, e.g. lora_rank=8,16,32")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")

@@ -212,6 +212,11 @@ class RunConfig:
     blind captions than the baseline's. Manual spot-check verdicts, when present, decide instead."""
     caption_patience: int = 2
     """Trigger when free-form caption sanity degrades this many evaluations in a row."""
+    kl_base_max: float | None = None
+    """Trigger when the KL to the start model (metric kl_base: nats per token on the start model's greedy
+    benchmark answers, per probe group) exceeds this ...; null = no trigger, KL is still measured and reported."""
+    kl_patience: int = 2
+    """... for this many consecutive evaluations."""
     best_irrelevant_margin: float = 0.1
     """Best checkpoint: only among checkpoints with irrelevant pass >= baseline - this (absolute:
     0.1 = 10 points) ..."""
@@ -661,9 +666,37 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     raise TypeError(f"RunConfig field type {hint!r} has no check")  # a bug in this file
 
 
+def coerce_text(key: str, value: Any) -> Any:
+    """A string given for a number or a bool read as `--set` reads it (`2e-4` -> 0.0002, `true` -> True); anything
+    else unchanged. For papermill, which reads -f / -y files as YAML 1.1 (where `2e-4` is a string)."""
+    hint = _hints().get(key)
+    if not isinstance(value, str) or hint is None:
+        return value
+    inner = [a for a in get_args(hint) if a is not type(None)] if get_origin(hint) in (Union, types.UnionType) else [hint]
+    if inner and inner[0] in (int, float, bool):
+        try:
+            parsed = yaml.load(value, Loader=_Loader)
+        except _YAML_ERRORS:
+            return value
+        if isinstance(parsed, (int, float, bool)):
+            return parsed
+    return value
+
+
+NOTEBOOK_SOURCE = "notebook parameters"  # overrides_source of train.ipynb's values (papermill -p / -y / -f)
+
+
 def _type_problem(key: str, value: Any, expected: str, source: str, where: str = "") -> _Problem:
     example = _yaml_value(_example(key))
-    fix = f"--set {key}={example}" if source == "--set" else f"{key}: {example}"
+    if source == "--set":
+        fix = f"--set {key}={example}"
+    elif source == NOTEBOOK_SOURCE:
+        command = (f"papermill -p {key} {example}" if not isinstance(_example(key), (list, tuple))
+                   else f"papermill -y '{key}: {example}'")
+        return _Problem(f"{key} = {_show(value)}", expected,
+                        f"write it like `{command}` (or `{key}: {example}` in the -f file)", where=where)
+    else:
+        fix = f"{key}: {example}"
     if isinstance(value, str) and "string" not in expected and not expected.startswith("one of"):
         fix += " (unquoted)"
     return _Problem(f"{key} = {_show(value)}", expected, f"write it like `{fix}`", where=where)
@@ -679,6 +712,9 @@ def _example(key: str) -> Any:
 def _unknown_problem(key: Any, value: Any, where: str) -> _Problem:
     close = difflib.get_close_matches(str(key), list(_hints()), n=1, cutoff=0.6)
     fix = f"did you mean {close[0]}?" if close else "see params/defaults.yaml for every parameter"
+    if where == NOTEBOOK_SOURCE:
+        fix += (" (from papermill's -p, -y or -f; `papermill --help-notebook notebooks/train.ipynb` lists them; "
+                "`-p params_file my.yaml` instead of `-f my.yaml` also gives the file's line numbers)")
     return _Problem(f"{key} = {_show(value)}" if isinstance(key, str) else f"key {_show(key)}",
                     "a known parameter name", fix, params=(), where=where)
 
@@ -689,7 +725,7 @@ _AT_LEAST = {
     "max_length": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
     "gradient_accumulation_steps": 1, "seed": 0, "eval_steps": 1, "save_steps": 1,
     "logging_steps": 1, "max_new_tokens": 1, "eval_max_samples": 1, "exact_match_samples": 0, "irrelevant_patience": 1,
-    "hallucination_patience": 1, "gap_patience": 1, "caption_patience": 1, "nproc": 1, "plateau_patience": 0,
+    "hallucination_patience": 1, "gap_patience": 1, "caption_patience": 1, "kl_patience": 1, "nproc": 1, "plateau_patience": 0,
 }
 _LEARNING_RATES = ("learning_rate", "vit_lr", "aligner_lr")  # > 0
 _FRACTIONS = (  # in [0, 1]
@@ -724,6 +760,9 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
     for name in _FRACTIONS:
         if not 0 <= c[name] <= 1:
             bad([name], "a fraction in [0, 1]", f"set {name} to e.g. {default(name)}")
+    if c["kl_base_max"] is not None and not c["kl_base_max"] > 0:
+        bad(["kl_base_max"], "null (no KL trigger) or a KL > 0 in nats per token",
+            "set kl_base_max to null, or to a KL a run should not exceed, e.g. 0.5")
     for name in _NON_NEGATIVE:
         if c[name] < 0:
             bad([name], "a number >= 0", f"set {name} to e.g. {default(name)}")

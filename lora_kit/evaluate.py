@@ -295,6 +295,65 @@ def crop_consistency(model, encoder: Encoder, samples: list[Sample], cfg, ranks=
             "label_flip_rate": mean("label_flip_rate"), "mean_chrf": mean("mean_chrf")}
 
 
+# ---------------------------------------------------------------- KL to the start model (forgetting signal)
+
+def _answered(sample: Sample, answer: str) -> Sample:
+    """The benchmark row's prompt with `answer` as its assistant turn (replacing any reference answer)."""
+    messages = sample.messages[:-1] if sample.messages[-1]["role"] == "assistant" else list(sample.messages)
+    return dataclasses.replace(sample, messages=[*messages, {"role": "assistant", "content": answer}])
+
+
+@torch.no_grad()
+def kl_to_base(model, encoder: Encoder, es: "EvalSet", cfg, ranks=None) -> dict[str, dict]:
+    """Forward KL(start || current) of next-token distributions on the benchmark's probe prompts, per probe group.
+
+    Returns {probe: {"kl_base": nats per token, "kl_base_tokens": n}}; {} when `model` has no adapter to switch off
+    (no peft `disable_adapter`: A0, or a full model given to `evaluate`). The start model is the same model with
+    its adapters disabled (peft's disable_adapter context; no second copy in memory): the base, with an
+    init_adapter folded in when the run merged one (a run that continues its init_adapter compares with the
+    bare base).
+
+    Tokens: every benchmark prompt with the start model's own greedy answer appended (generated once per run,
+    kept in es.base_answers), teacher-forced; KL is summed over the positions that predict the answer's tokens
+    and its end-of-turn token (the positions mean_loss supervises), and divided by their count. Why these: they
+    are where the start model puts its mass, so KL(start || current) there estimates E_start[log p_start/p_cur]
+    on the start model's own behaviour (the quantity RL's Razor relates to forgetting), the token set is the same
+    at every evaluation (numbers compare along a run and across runs of one setup), and prompt positions
+    (system text, image placeholders) are never sampled by either model. Distributions in float32.
+    """
+    if not hasattr(model, "disable_adapter"):
+        return {}
+    if es.base_answers is None:
+        with model.disable_adapter():
+            gens = generate(model, encoder, es.bench, batch_size=cfg.per_device_eval_batch_size,
+                            max_new_tokens=cfg.max_new_tokens, ranks=ranks)
+        es.base_answers = [g.answer for g in gens]
+    encoded = [encoder.encode(_answered(s, a)) for s, a in zip(es.bench, es.base_answers)]
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    probes = [probe_of(s) for s in es.bench]
+    pad, image = encoder.tokenizer.pad_token_id, encoder.image_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(encoded), cfg.per_device_eval_batch_size):
+            chunk = encoded[start:start + cfg.per_device_eval_batch_size]
+            batch = to_device(collate_padded(chunk, pad, image), model)
+            mask = batch.pop("labels")[:, 1:] != IGNORE_INDEX
+            current = model(**batch, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+            with model.disable_adapter():
+                base = model(**batch, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+            per_token = (base.exp() * (base - current)).sum(-1) * mask  # [batch, seq - 1], nats
+            for row, (kl, n) in enumerate(zip(per_token.sum(-1).tolist(), mask.sum(-1).tolist())):
+                probe = probes[start + row]
+                sums[probe] = sums.get(probe, 0.0) + kl
+                counts[probe] = counts.get(probe, 0) + int(n)
+    finally:
+        model.train(was_training)
+    return {p: {"kl_base": sums[p] / counts[p] if counts[p] else math.nan, "kl_base_tokens": counts[p]}
+            for p in sorted(sums)}
+
+
 # ---------------------------------------------------------------- one guardrail evaluation
 
 @dataclass
@@ -310,6 +369,7 @@ class EvalSet:
     crops: list[Sample] = field(default_factory=list)
     exact: list[Sample] = field(default_factory=list)  # validation samples whose generated answer is scored
     skipped_val: list[str] = field(default_factory=list)  # validation samples that could not be encoded
+    base_answers: list[str] | None = None  # the start model's greedy benchmark answers (kl_to_base), once per run
     _prompts: dict = field(default_factory=dict, repr=False)
 
     def prompts(self, part: str, encoder: Encoder, samples: list[Sample], augments: list | None = None) -> list[Encoded]:
@@ -415,6 +475,8 @@ def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | N
     if es.exact:
         answers = timed("exact match", lambda: gen("exact", es.exact))
         record["task_exact_match"] = task_exact_match(es.exact, answers).as_dict()
+    for probe, kl in timed("kl", kl_to_base, model, encoder, es, cfg, ranks).items():
+        record["probes"].setdefault(probe, {}).update(kl)
     captions = timed("captions", lambda: [g.answer for g in gen("captions", es.spotcheck)])
     record["crop"] = timed("crops", lambda: crop_consistency(model, encoder, es.crops, cfg, ranks, images,
                                                             es if cache else None)) if es.crops else None

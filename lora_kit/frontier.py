@@ -786,6 +786,51 @@ def _h4(done: pd.DataFrame, curves: dict, tol: float) -> dict:
 
 # ---------------------------------------------------------------- everything at once
 
+# ---------------------------------------------------------------- does KL predict forgetting?
+
+def kl_prediction(curves: dict) -> dict:
+    """Across the study's runs: does the KL to the start model at one evaluation predict the guardrail
+    movement up to the next one? A Spearman rank correlation with its n and p-value.
+
+    Each pair is one run, one probe group and one evaluation i after step 0 with a next evaluation i+1:
+    x = kl_base@probe at i; y = forgetting from i to i+1, the drop in irrelevant pass plus the rise in
+    hallucination (rates, so y > 0 = the guardrails moved toward a trigger). y is the change after i, not
+    the level at i, so it is not information KL already had. `curves`: run_curves' answer.
+    Returns {"rho", "p", "n", "runs", "definition"}; rho and p are None with fewer than 3 pairs or no spread.
+    """
+    import math as _math
+
+    from scipy import stats
+
+    xs, ys, runs = [], [], set()
+    for variant, (mf, _) in curves.items():
+        if mf.empty or "step" not in mf:
+            continue
+        mf = mf[mf["step"] > 0].reset_index(drop=True)
+        for col in [c for c in mf.columns if split_column(c)[0] == "kl_base" and split_column(c)[1]]:
+            probe = split_column(col)[1]
+            irr, hal = mf.get(column("irrelevant_pass", probe)), mf.get(column("hallucination", probe))
+            for i in range(len(mf) - 1):
+                kl = mf[col].iloc[i]
+                parts = []
+                if irr is not None:
+                    parts.append(irr.iloc[i] - irr.iloc[i + 1])
+                if hal is not None:
+                    parts.append(hal.iloc[i + 1] - hal.iloc[i])
+                y = sum(parts) if parts else _math.nan
+                if _finite(kl) and _finite(y):
+                    xs.append(float(kl))
+                    ys.append(float(y))
+                    runs.add(variant)
+    rho = p = None
+    if len(xs) >= 3 and len(set(xs)) > 1 and len(set(ys)) > 1:
+        res = stats.spearmanr(xs, ys)
+        rho, p = float(res.statistic), float(res.pvalue)
+    return {"rho": rho, "p": p, "n": len(xs), "runs": len(runs),
+            "definition": "Spearman(kl_base@probe at evaluation i, irrelevant-pass drop + hallucination rise "
+                          "from i to i+1), pooled over runs, probe groups and evaluations after step 0"}
+
+
 def write_summary(runs_root=None, out_dir=None, setup: str | None = None, *, log=print) -> dict[str, Path]:
     """The table of every run (study.csv, with its setup), the runs left out of the comparison and why
     (left_out.csv), the figures (PNG) and verdicts.json of one setup (see one_setup) under out_dir (default
@@ -832,4 +877,7 @@ def write_summary(runs_root=None, out_dir=None, setup: str | None = None, *, log
     paths["verdicts"] = out / "verdicts.json"
     paths["verdicts"].write_text(json.dumps(hypothesis_verdicts(study), indent=2, ensure_ascii=False) + "\n",
                                  encoding="utf-8")
+    paths["kl_prediction"] = out / "kl_prediction.json"  # does KL at one evaluation predict later forgetting?
+    paths["kl_prediction"].write_text(json.dumps(kl_prediction(run_curves(study) if "run_dir" in study else {}),
+                                                 indent=2) + "\n", encoding="utf-8")
     return paths

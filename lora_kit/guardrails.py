@@ -33,7 +33,7 @@ from .metrics import value as metric_value
 from .rundir import RunFolder, append_jsonl, read_jsonl_records
 
 TRIGGER_NAMES = ("non_finite_loss", "irrelevant_drop", "hallucination_rise", "gap_widening",
-                 "caption_degraded")  # also the order in which check_triggers reports them
+                 "caption_degraded", "kl_rise")  # also the order in which check_triggers reports them
 VERDICTS = ("ok", "degraded", "hallucinated", "blind")  # manual spot-check verdicts
 _EPS = 1e-9
 
@@ -165,6 +165,8 @@ def check_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any,
       that many evaluation intervals. A gap that widens and then holds or shrinks resets.
     - caption_degraded: the record's caption["degraded"] is true (decided by caption_sanity, manual
       verdicts first) for caption_patience evaluations.
+    - kl_rise (only when kl_base_max is set): KL to the start model (kl_base, nats/token) under a probe group
+      > kl_base_max for kl_patience evaluations; an absolute bound, since the start model's KL is 0.
     - non_finite_loss: eval_loss is NaN or ±inf at a step after 0 while the baseline's eval_loss
       is finite. Fires on the first such evaluation, unlike the others: NaN weights do not recover
       and make every other metric of the evaluation meaningless. A NaN eval loss in the baseline
@@ -188,6 +190,7 @@ def active_triggers(history: Sequence[Mapping], baseline: Mapping, cfg: Any,
         *(_hallucination_rise(evals, baseline, cfg, p) for p in probes),
         _gap_widening(evals, cfg),
         _caption_degraded_trigger(evals, cfg),
+        *(_kl_rise(evals, cfg, p) for p in probes),
     ]
     return [t for t in found if t is not None]
 
@@ -283,6 +286,23 @@ def _hallucination_rise(evals: list[Mapping], baseline: Mapping, cfg: Any, probe
         f"Hallucination rate on OOD images {_under(probe)} was {_at_steps(run_rates, run, _pct)}, above "
         f"{_pct(bound)} (baseline {_pct(base)} plus {cfg.hallucination_rise_max * 100:g} points), "
         f"for {len(run)} consecutive evaluations.", probe)
+
+
+def _kl_rise(evals: list[Mapping], cfg: Any, probe: str = DEFAULT_PROBE) -> Trigger | None:
+    bound = getattr(cfg, "kl_base_max", None)
+    if bound is None:
+        return None
+    kl = [_number(metric_value(r, "kl_base", probe)) for r in evals]
+    run = _trailing_bad(evals, [x is not None and x > bound + _EPS for x in kl])
+    if len(run) < cfg.kl_patience:
+        return None
+    values = [_number(metric_value(r, "kl_base", probe)) for r in run]
+    return Trigger(
+        "kl_rise", run[-1]["step"],
+        {"values": values, "steps": [r["step"] for r in run], "threshold": bound, "patience": cfg.kl_patience,
+         "probe": probe},
+        f"KL to the start model {_under(probe)} was {_at_steps(values, run, lambda x: f'{x:.3f}')} nats/token, above "
+        f"kl_base_max {bound:g}, for {len(run)} consecutive evaluations.", probe)
 
 
 def _gap_widening(evals: list[Mapping], cfg: Any) -> Trigger | None:

@@ -137,10 +137,19 @@ def resume_decision(run: RunFolder, cfg: RunConfig, model_path: Path, files: dic
     are refused (ConfigError listing old -> new and the ways out); nothing in the folder is touched. An unfinished
     run without a checkpoint has nothing to keep: with other values it starts over (its `note` says so)."""
     status = run.status()
-    if status in ("completed", "stopped_early") and not cfg.overwrite:
-        raise ConfigError(f"run folder {run.path} holds a finished run (status {status}); set overwrite: true "
-                          "to replace it, or choose another variant name.")
     params = run.params() if run.path.is_dir() else None
+    if status in ("completed", "stopped_early") and not cfg.overwrite:
+        changes = resume_changes(params, cfg, model_path, files) if params is not None else []
+        if not changes:
+            raise ConfigError(f"run folder {run.path} holds this finished run already (status {status}, the same "
+                              "parameters and inputs): its results are there. Fix: nothing to run; to repeat it, set "
+                              "overwrite: true (it replaces the run).")
+        named = [(k, v) for k, _, v in changes if k in cfg.to_dict() and k != "variant"]
+        suggestion = cfg.variant_name + "".join(f"_{k}{v}" for k, v in named[:2]) if named else f"{cfg.variant_name}_2"
+        raise ConfigError(
+            f"run folder {run.path} holds a finished run (status {status}) with other values:\n{_listed(changes)}\n"
+            f"Fix: give the new run its own name, e.g. --set variant={suggestion} (variant: {suggestion} in a file), "
+            "so both stay comparable in the summary; or set overwrite: true to replace the finished run.")
     if cfg.overwrite:
         return Resume("overwrite" if params is not None or status is not None else "new")
     if params is None:

@@ -40,11 +40,18 @@ BASELINE = "A0"
 
 @dataclass
 class Job:
-    """One variant to run: its name, its params file and extra parameters (from --set or --grid)."""
+    """One variant to run: its name, its params file, extra parameters (from --set or --grid) and the -f files
+    merged before its params file (a setup: model, data), in order."""
 
     variant: str
     params_file: Path
     overrides: dict = field(default_factory=dict)
+    files: tuple[Path, ...] = ()
+
+    @property
+    def params_files(self) -> list[Path]:
+        """Every params file of the job in merge order: the -f files, then the variant's own."""
+        return [*self.files, self.params_file]
 
 
 def variant_file(name: str, params_dir: Path = PARAMS_DIR) -> Path:
@@ -56,8 +63,12 @@ def variant_file(name: str, params_dir: Path = PARAMS_DIR) -> Path:
 
 
 def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str] = (),
-              overrides: dict | None = None, params_dir: Path = PARAMS_DIR, seeds: int = 1) -> list[Job]:
+              overrides: dict | None = None, params_dir: Path = PARAMS_DIR, seeds: int = 1,
+              files: list[str | Path] = ()) -> list[Job]:
     """The jobs in run order: A0 first (the others' guardrail baseline), then the rest as given.
+
+    `files` (matrix -f): params files merged before every variant's own file, in order, as `train -f a -f b`
+    merges them (a setup file with the model and data, say).
 
     `seeds` > 1 replicates every trained job under that many seeds: the seed of the run (its `seed`
     override, else RunConfig's default) and the next ones, named <variant>_seed<seed> beyond the first,
@@ -69,7 +80,8 @@ def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str
     if BASELINE not in names and (params_dir / f"{BASELINE}.yaml").exists():
         names = [BASELINE, *names]
     names = sorted(dict.fromkeys(names), key=lambda n: n != BASELINE)  # stable: A0 first, others in order
-    jobs = [Job(n, variant_file(n, params_dir), dict(overrides or {})) for n in names]
+    extra = tuple(Path(f) for f in files)
+    jobs = [Job(n, variant_file(n, params_dir), dict(overrides or {}), extra) for n in names]
     if grid:
         axes = []
         for item in grid:
@@ -82,7 +94,7 @@ def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str
         for job in base:
             for combo in itertools.product(*axes):
                 name = job.variant + "".join(f"_{k}{v}" for k, v in combo)
-                jobs.append(Job(name, job.params_file, {**job.overrides, **dict(combo), "variant": name}))
+                jobs.append(replace(job, variant=name, overrides={**job.overrides, **dict(combo), "variant": name}))
     return [replicate for job in jobs for replicate in _replicates(job, seeds)]
 
 
@@ -93,9 +105,27 @@ def _replicates(job: Job, seeds: int) -> list[Job]:
     from .config import RunConfig
 
     first = job.overrides.get("seed", RunConfig.seed)
-    return [job] + [Job(f"{job.variant}_seed{first + k}", job.params_file,
-                        {**job.overrides, "seed": first + k, "variant": f"{job.variant}_seed{first + k}"})
+    return [job] + [replace(job, variant=f"{job.variant}_seed{first + k}",
+                            overrides={**job.overrides, "seed": first + k, "variant": f"{job.variant}_seed{first + k}"})
                     for k in range(1, seeds)]
+
+
+def check_jobs(jobs: list[Job], runs_root: Path) -> None:
+    """Every job's parameters checked as its train.ipynb will load them (files, overrides, the model folder, the
+    data files), before anything runs or is submitted; one ConfigError naming each job that cannot run."""
+    from .config import load_config
+
+    problems = []
+    for job in jobs:
+        try:
+            load_config(job.params_files, {**job.overrides, "output_dir": str(runs_root)},
+                        overrides_source="--set")
+        except ConfigError as err:
+            problems.append(f"{job.variant} ({', '.join(str(f) for f in job.params_files)}):\n" +
+                            "\n".join(f"    {line}" for line in getattr(err, "problems", [str(err)])))
+    if problems:
+        raise ConfigError(f"{len(problems)} of {len(jobs)} matrix jobs cannot run; nothing was started:\n  "
+                          + "\n  ".join(problems))
 
 
 def run_status(runs_root: Path, variant: str) -> str:
@@ -122,10 +152,10 @@ def run_job(job: Job, runs_root: Path, *, slot: int = 0, pin_gpu: bool = True, p
     folder = runs_root / job.variant
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS_DIR / "train.ipynb"), str(folder / "train.ipynb"),
-           "-p", "params_file", str(job.params_file), "-p", "output_dir", str(runs_root),
-           "--cwd", str(NOTEBOOKS_DIR), "--no-progress-bar", "-k", "lora_kit"]
-    if job.overrides:  # lists and strings need YAML, not -p (papermill's -p only converts numbers)
-        cmd += ["-y", json.dumps(job.overrides)]
+           "-p", "output_dir", str(runs_root), "--cwd", str(NOTEBOOKS_DIR), "--no-progress-bar", "-k", "lora_kit"]
+    files = [str(f) for f in job.params_files]
+    injected = {**job.overrides, "params_file": files if len(files) > 1 else files[0]}
+    cmd += ["-y", json.dumps(injected)]  # lists and strings need YAML, not -p (papermill's -p only converts numbers)
     env = dict(os.environ)
     gpus = _gpus() if pin_gpu else 0
     if gpus:
@@ -160,7 +190,7 @@ def finished_run_differs(job: Job, runs_root: Path) -> tuple[bool, list[tuple]]:
     if params is None:
         return False, []
     # what train.ipynb will resolve: the params file, then the job's overrides and the runs root as output_dir
-    cfg = load_config([job.params_file], {**job.overrides, "output_dir": str(runs_root)})
+    cfg = load_config(job.params_files, {**job.overrides, "output_dir": str(runs_root)})
     if cfg.overwrite:
         return True, []
     return False, resume_changes(params, cfg, resolve_model(cfg.model, weights=False), data_files(cfg))

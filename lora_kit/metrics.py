@@ -58,6 +58,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("object_recall", "object recall (in-domain)", "max", "rate", "probe"),
     Metric("blindness", "blind answers", "min", "rate", "probe", show=frozenset({"table"})),
     Metric("ood_label_rate", "OOD images answered with the label", "min", "rate", "probe"),
+    # evaluate.kl_to_base: KL(start model || current) on the start model's greedy answers; its token count is
+    # kl_base_tokens beside it in the probe group's record
+    Metric("kl_base", "KL to the start model (nats/token)", "min", "loss", "probe", guardrail="kl_rise",
+           params=("kl_base_max", "kl_patience"), show=frozenset({"table", "curves", "run"})),
 )
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
 # The study table's name for the eval loss at the best checkpoint.

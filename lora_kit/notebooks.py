@@ -6,7 +6,9 @@ committed notebooks equal what this module renders.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import re
 import textwrap
 import typing
 
@@ -32,18 +34,66 @@ def _annotation(f: dataclasses.Field) -> str:
     return f"Optional[{name}]"
 
 
-def parameters_cell() -> str:
-    """Every RunConfig parameter as `name: Optional[type] = None  # help`; None means 'from the params files'."""
+_FIRST_SENTENCE = re.compile(r"(?<!e\.g)(?<!i\.e)(?<!etc)\.(?:\s|$)")
+
+
+def _first_sentence(doc: str) -> str:
+    """A docstring's first sentence, whole ("e.g." and "i.e." do not end it)."""
+    match = _FIRST_SENTENCE.search(doc)
+    return (doc[:match.start()] if match else doc).strip().rstrip(". ")
+
+
+def _papermill_safe(text: str) -> str:
+    """The text without "=": papermill's parser skips a parameter line holding a second "=" (and shows nothing)."""
+    for a, b in (("<=", "≤"), (">=", "≥"), ("==", "≡"), ("!=", "≠"), ("=", "＝")):
+        text = text.replace(a, b)
+    return text
+
+
+def help_line(name: str) -> str:
+    """One parameter's help as the train notebook's parameters cell shows it (and `papermill --help-notebook`):
+    its whole first sentence, a sentence that continues the one before it ("... or below this") prefixed with
+    the parameter it continues, and its effective default (defaults.yaml, then the toy profile)."""
     docs = field_docs()
-    lines = ["# Parameters (papermill injects -p / -f values after this cell). None = take the value from",
-             "# params/defaults.yaml -> params/profiles/<profile>.yaml -> params_file.",
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    doc = docs.get(name, "")
+    if doc.startswith("..."):  # a continuation: say what it continues, so the line reads on its own
+        i = names.index(name)
+        while i > 0 and docs.get(names[i - 1], "").startswith("..."):
+            i -= 1
+        lead = names[i - 1] if i > 0 else ""
+        doc = f"with {lead}: " + doc.lstrip(". ")
+    sentence = _first_sentence(doc)
+    return _papermill_safe(f"{sentence} [default {effective_defaults()[name]}]")
+
+
+@functools.cache
+def effective_defaults() -> dict[str, str]:
+    """Each parameter's value when the notebook leaves it unset, as YAML text: defaults.yaml, then the default
+    profile; where the profile changes it, the value without the profile too ("20 (toy profile; 50 without)")."""
+    from .config import _yaml_value, load_config
+
+    toy = load_config([]).to_dict()
+    bare = load_config([], {"profile": "none"}).to_dict()
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        a, b = _yaml_value(toy[f.name]), _yaml_value(bare[f.name])
+        out[f.name] = a if a == b or f.name == "profile" else f"{a} (toy profile; {b} without)"
+    out["variant"] = "derived from llm_last/vit_last"
+    return out
+
+
+def parameters_cell() -> str:
+    """Every RunConfig parameter as `name: Optional[type] = None  # help [default ...]`; None means 'not set
+    here: from the params files, defaults.yaml and the profile'."""
+    lines = ["# Parameters (papermill injects -p / -y / -f values after this cell). None = not set here: the value",
+             "# comes from params/defaults.yaml -> params/profiles/<profile>.yaml -> params_file (the [default]s below).",
              "from typing import Optional",
              "",
-             "params_file: Optional[str] = None  # a params/*.yaml variant file to start from, e.g. ../params/C2.yaml"]
+             "params_file: Optional[str] = None  # a params/*.yaml variant file to start from, e.g. ../params/C2.yaml "
+             "(a list of files with -y, merged in order)"]
     for f in dataclasses.fields(RunConfig):
-        # papermill skips a parameter line holding a second "=", so the help text says ":" instead
-        doc = docs.get(f.name, "").split(". ")[0].rstrip(".").replace("=", ":")
-        lines.append(f"{f.name}: {_annotation(f)} = None  # {doc[:150]}")
+        lines.append(f"{f.name}: {_annotation(f)} = None  # {help_line(f.name)}")
     return "\n".join(lines)
 
 
@@ -59,6 +109,7 @@ def train_notebook() -> nbformat.NotebookNode:
             Everything lands in `outputs/runs/<variant>/`. With `nproc` above 1 the variant trains data-parallel on
             that many GPUs: this notebook starts `python -m lora_kit train` under torchrun and then reads the run
             folder.""")),
+        new_code_cell("_names_before_parameters = set(globals())  # what papermill injects is checked against these"),
         new_code_cell(parameters_cell(), metadata={"tags": ["parameters"]}),
         new_markdown_cell("Resolve the parameters: defaults, the toy profile, the variant file, then the values "
                           "set above. Any problem stops here, before a model is loaded."),
@@ -66,8 +117,9 @@ def train_notebook() -> nbformat.NotebookNode:
             from lora_kit.config import RunConfig, load_config
             from lora_kit.views import notebook_overrides, show_plan, show_run
 
-            overrides = notebook_overrides(globals(), RunConfig)
-            cfg = load_config([params_file] if params_file else [], overrides, overrides_source="notebook parameters")
+            overrides = notebook_overrides(globals(), RunConfig, before=_names_before_parameters)
+            files = params_file if isinstance(params_file, list) else [params_file] if params_file else []
+            cfg = load_config(files, overrides, overrides_source="notebook parameters")
             print(f"variant {cfg.variant_name}: llm_last={cfg.llm_last}, vit_last={cfg.vit_last}, model={cfg.model}")""")),
         new_markdown_cell("## The modules that get LoRA"),
         new_code_cell("show_plan(cfg)"),
@@ -98,7 +150,7 @@ def summary_notebook() -> nbformat.NotebookNode:
 
             runs_root: Optional[str] = None  # run folders (default outputs/runs)
             out_dir: Optional[str] = None  # where the table and figures go (default outputs/summary)
-            setup: Optional[str] = None  # setup id (study.csv's setup column); None = the one with most finished runs"""),
+            setup: Optional[str] = None  # setup id (study.csv's setup column); None: the one with most finished runs"""),
             metadata={"tags": ["parameters"]}),
         new_markdown_cell(textwrap.dedent("""\
             ## One row per run of one setup

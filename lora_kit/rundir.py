@@ -150,7 +150,7 @@ class RunFolder:
         if not self.lock.exists():
             return False
         try:
-            info = json.loads(self.lock.read_text())
+            info = json.loads(self.lock.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, OSError):
             return False
         return info.get("host") != socket.gethostname() or _pid_alive(int(info.get("pid", -1)))
@@ -168,7 +168,7 @@ class RunFolder:
             fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             if self.lock_is_live():
-                info = self.lock.read_text()
+                info = self.lock.read_text(encoding="utf-8")
                 raise LoraKitError(f"run folder {self.path} is in use by another process ({info.strip()}); "
                                    "wait for it, or delete .lock if that process is gone.") from None
             self.lock.unlink(missing_ok=True)  # stale: its process died

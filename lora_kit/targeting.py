@@ -479,16 +479,22 @@ def targets_report(model: str, llm_last: int, vit_last: int, *, rank: int = 16, 
     """What `python -m lora_kit targets` prints: a table, JSON, or ms-swift arguments."""
     from .toy import resolve_model
 
-    meta = meta_model(resolve_model(model, weights=False), trust_remote_code)
+    folder = resolve_model(model, weights=False)
+    meta = meta_model(folder, trust_remote_code)
     towers = find_towers(meta)
     plan = plan_for(towers, llm_last, vit_last, regex)
     trains = training_note(meta.config)
+    planned = planned_for(model, folder, towers)
     if fmt == "json":
-        return json.dumps(plan_json(plan, towers, rank) | {"training": trains}, indent=2)
+        return json.dumps(plan_json(plan, towers, rank) | {"training": trains, "model": model,
+                                                            "planned_for": planned}, indent=2)
     if fmt == "swift":
         args = swift_arguments(plan, towers, rank=rank, alpha=2 * rank)
         pairs = [f"{args[i]} {shlex.quote(args[i + 1])}" for i in range(0, len(args), 2)]
-        return " \\\n  ".join(["swift sft --model <checkpoint> --dataset <train.jsonl>"] + pairs)
+        from .config import TOY_MODELS
+
+        where = "<checkpoint>" if model in TOY_MODELS else shlex.quote(str(folder))
+        return f"# {planned}\n" + " \\\n  ".join([f"swift sft --model {where} --dataset <train.jsonl>"] + pairs)
     rows = plan_rows(plan, towers, rank)
     header = ("tower", "layer", "module", "parameters", "lora_parameters")
     widths = [max(len(h), *(len(str(r[h])) for r in rows)) if rows else len(h) for h in header]
@@ -501,7 +507,19 @@ def targets_report(model: str, llm_last: int, vit_last: int, *, rank: int = 16, 
     lines.append(f"aligner (frozen unless in modules_to_save): {', '.join(towers.aligner) or '-'}")
     lines.append(f"regex: {plan.regex or '(nothing targeted)'}")
     lines.append(f"training: {trains}")
+    lines.append(planned)
     return "\n".join(lines)
+
+
+def planned_for(model: str, folder: Path, towers: Towers) -> str:
+    """One line naming the model a plan's layer numbers belong to: the toy's are no real checkpoint's."""
+    from .config import TOY_MODELS
+
+    shape = f"{len(towers.llm_layers)} decoder layers, {len(towers.vit_blocks)} vision blocks"
+    if model in TOY_MODELS:
+        return (f"planned for the embedded toy (model {model}: {shape}), not for a real checkpoint: its layer "
+                f"numbers differ. Fix: give --model <checkpoint folder> (config.json alone is enough).")
+    return f"planned for {folder} ({shape})"
 
 
 def training_note(config) -> str:

@@ -9,12 +9,32 @@ from .metrics import BY_NAME, column, probe_metrics, shown, title
 from .rundir import RunFolder, read_jsonl_records
 
 
-def notebook_overrides(namespace: dict, config_cls) -> dict:
-    """The notebook parameters that were set (not None), to apply on top of the params files."""
+_NOTEBOOK_NAMES = ("params_file", "Optional", "RunConfig", "load_config", "notebook_overrides", "show_plan",
+                   "show_run")  # what the train notebook itself defines up to its overrides cell
+
+
+def notebook_overrides(namespace: dict, config_cls, before: set | None = None) -> dict:
+    """The notebook parameters that were set (not None), to apply on top of the params files, checked by
+    load_config like `lora_kit train -f` / `--set` checks them.
+
+    `before`: the names defined before the parameters cell; any other plain value that appeared since (papermill's
+    injected `-p` / `-y` / `-f` values) and is no parameter is passed on too, so that load_config refuses it with a
+    suggestion (`learnig_rate` -> learning_rate) instead of the notebook ignoring it. A string given for a number
+    (papermill reads -f / -y files as YAML 1.1, where `2e-4` is a string) is read as `--set` reads it (2e-4 -> 0.0002).
+    """
     import dataclasses
 
-    return {f.name: namespace[f.name] for f in dataclasses.fields(config_cls)
-            if namespace.get(f.name) is not None}
+    from .config import coerce_text
+
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    out = {name: coerce_text(name, namespace[name]) for name in fields if namespace.get(name) is not None}
+    if before is not None:
+        plain = (bool, int, float, str, list, dict, tuple, type(None))
+        for name, value in namespace.items():
+            if (name not in before and name not in fields and name not in _NOTEBOOK_NAMES
+                    and not name.startswith("_") and isinstance(value, plain)):
+                out[name] = value
+    return out
 
 
 def plan_table(cfg) -> pd.DataFrame:

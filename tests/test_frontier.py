@@ -179,8 +179,10 @@ def test_collect_runs_refuses_a_missing_folder(tmp_path):
 def test_write_summary(runs, tmp_path):
     paths = write_summary(runs, tmp_path / "summary", log=lambda *_: None)
     names = {"table", "left_out", "frontier_irrelevant", "frontier_hallucination", "heatmaps", "curves", "restart",
-             "verdicts"}
+             "verdicts", "kl_prediction"}
     assert set(paths) == names
+    # these synthetic runs record no KL: no pairs, no correlation claimed
+    assert json.loads(paths["kl_prediction"].read_text())["n"] == 0
     for path in paths.values():
         assert path.is_file() and path.stat().st_size > 0 and path.parent == tmp_path / "summary"
     assert len(pd.read_csv(paths["table"])) == 6

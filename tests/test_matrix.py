@@ -134,3 +134,34 @@ def test_a_finished_run_is_redone_with_overwrite_and_refused_when_the_job_differ
     log.clear()
     statuses, todo = unfinished(job(lora_rank=8, overwrite=True), runs, log.append)
     assert [j.variant for j in todo] == ["A1"] and log == ["[A1] completed: overwrite: true, will run again"]
+
+
+def test_matrix_takes_f_files_before_each_variant_file_and_checks_every_job_first(toy_ckpt, tmp_path, capsys,
+                                                                                   monkeypatch):
+    from lora_kit.__main__ import main
+    from lora_kit.matrix import check_jobs
+
+    setup = tmp_path / "my_setup.yaml"
+    setup.write_text(f"profile: none\nmodel: {toy_ckpt}\nlora_rank: 8\n", encoding="utf-8")
+    jobs = plan_jobs(["C2"], files=[setup], seeds=2)
+    assert [j.params_files for j in jobs] == [[setup, PARAMS_DIR / "A0.yaml"], [setup, PARAMS_DIR / "C2.yaml"],
+                                              [setup, PARAMS_DIR / "C2.yaml"]]
+    check_jobs(jobs, tmp_path / "runs")  # a good setup passes
+    # what train.ipynb is handed: every file in order, then the job's values
+    import subprocess
+
+    import lora_kit.matrix as matrix
+    seen = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    matrix.run_job(jobs[2], tmp_path / "runs", log=lambda *a: None)
+    monkeypatch.undo()
+    seen = {"cmd": seen[0]}
+    injected = json.loads(seen["cmd"][seen["cmd"].index("-y") + 1])
+    assert injected["params_file"] == [str(setup), str(PARAMS_DIR / "C2.yaml")] and injected["seed"] == 43
+    # a model folder that does not exist: refused before anything runs, dry run and Slurm included
+    runs = tmp_path / "runs2"
+    code = main(["matrix", "C2", "--backend", "slurm", "--dry-run", "--runs-root", str(runs),
+                 "--set", "profile=none", "--set", f"model={tmp_path / 'missing'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "2 of 2 matrix jobs cannot run; nothing was started" in err
+    assert "no such folder" in err and "C2 (" in err and not runs.exists()

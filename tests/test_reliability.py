@@ -231,3 +231,29 @@ def test_a_full_disk_while_saving_a_checkpoint_fails_cleanly_and_the_rerun_finis
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] in ("completed", "stopped_early") and "error" not in summary
     assert [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [0, 2, 4]
+
+
+def test_a_finished_run_asked_with_other_values_suggests_a_new_variant_name(tmp_path):
+    """The README's tweak (`train -f params/C2.yaml --set learning_rate=2e-4` after `make demo`) was refused with
+    overwrite: true as the fix, which would replace the demo's C2."""
+    from lora_kit.config import load_config
+    from lora_kit.errors import ConfigError
+    from lora_kit.inputs import resume_decision
+    from lora_kit.paths import PARAMS_DIR
+    from lora_kit.rundir import RunFolder, write_json_atomic
+
+    finished = load_config([PARAMS_DIR / "C2.yaml"])
+    run = RunFolder(tmp_path / "C2")
+    run.path.mkdir()
+    write_json_atomic(run.path / "params.json", {"config": finished.to_dict()})
+    write_json_atomic(run.path / "summary.json", {"status": "stopped_early"})
+    tweak = load_config([PARAMS_DIR / "C2.yaml"], {"learning_rate": 2e-4})
+    with pytest.raises(ConfigError) as err:
+        resume_decision(run, tweak, tmp_path / "model", {})
+    text = str(err.value)
+    assert f"learning_rate: {finished.learning_rate!r} -> 0.0002" in text
+    assert "--set variant=C2_learning_rate0.0002" in text and "overwrite: true to replace" in text
+    renamed = load_config([PARAMS_DIR / "C2.yaml"], {"learning_rate": 2e-4, "variant": "C2_learning_rate0.0002"})
+    assert renamed.variant_name == "C2_learning_rate0.0002"  # the suggested name is a valid one
+    with pytest.raises(ConfigError, match="holds this finished run already"):
+        resume_decision(run, finished, tmp_path / "model", {})

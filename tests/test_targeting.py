@@ -199,6 +199,19 @@ def test_cli_targets_table_swift_and_errors(toy_ckpt):
     assert "--target_regex" in swift.stdout and "--freeze_vit true" in swift.stdout and "--vit_lr" in swift.stdout
     bad = _cli("targets", "--model", str(toy_ckpt), "--llm-last", "20")
     assert bad.returncode == 2 and "has 8 decoder layers" in bad.stderr
+    # a folder's plan names the folder, and the ms-swift command uses it
+    assert f"planned for {toy_ckpt} (8 decoder layers, 12 vision blocks)" in table.stdout
+    assert f"swift sft --model {toy_ckpt} " in swift.stdout
+
+
+def test_a_plan_for_the_toy_says_its_layer_numbers_are_the_toys(toy_ckpt):
+    from lora_kit.targeting import find_towers, meta_model, planned_for
+
+    towers = find_towers(meta_model(toy_ckpt))
+    line = planned_for("toy", toy_ckpt, towers)
+    assert line.startswith("planned for the embedded toy (model toy: 8 decoder layers, 12 vision blocks)")
+    assert "--model <checkpoint folder>" in line
+    assert planned_for(str(toy_ckpt), toy_ckpt, towers) == f"planned for {toy_ckpt} (8 decoder layers, 12 vision blocks)"
 
 
 def test_plan_a_4b_study_from_its_config_alone(tmp_path):

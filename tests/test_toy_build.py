@@ -34,6 +34,10 @@ def test_miniature_build_writes_both_stages_and_a_report_with_n(tmp_path, monkey
         assert group["irrelevant_pass"]["n"] == 3 and group["hallucination"]["n"] == 3 and group["object_accuracy"]["n"] == 3
     assert m["task_exact_match"]["n"] == MINI.world.n_task_val
     assert len(report["stage3"]["spotcheck_captions"]) == 5
+    # the same key can give other weights on another CPU: the report says what it was built on
+    import torch
+    assert report["machine"]["torch"] == torch.__version__ and report["machine"]["torch_threads"] == torch.get_num_threads()
+    assert report["machine"]["cpu"]
     assert json.loads((root / "base_report.json").read_text())["key"] == MINI.key()
     # a second call returns the cached report without training again
     assert build_toy(build=MINI, progress=False) == report

@@ -165,6 +165,10 @@ def test_a_run_that_reaches_its_last_step_is_completed_with_the_triggers_it_reco
     assert summary["status"] == "completed" and summary["stop_reason"] is None and summary["stop_step"] is None
     # bad at every evaluation (< 100%); patience 2: the trigger holds from the second bad one on
     assert all(m["probes"][p]["irrelevant_pass"]["rate"] < 1.0 for m in metrics for p in ("general", "task"))
+    # the forgetting signal at every evaluation, per probe group, with its token count (0 at step 0: B = 0)
+    assert all(m["probes"][p]["kl_base_tokens"] > 0 for m in metrics for p in ("general", "task"))
+    assert all(abs(metrics[0]["probes"][p]["kl_base"]) < 1e-6 for p in ("general", "task"))
+    assert all(m["probes"][p]["kl_base"] > 0 for m in metrics[1:] for p in ("general", "task"))
     assert [(t["name"], t["step"]) for t in summary["triggers"] if t["name"] == "irrelevant_drop"] == \
         [("irrelevant_drop", 4), ("irrelevant_drop", 4), ("irrelevant_drop", 6), ("irrelevant_drop", 6)]
     problems = [p for p in summary["guardrail_problems"] if p["guardrail"] == "irrelevant_drop"]

@@ -118,7 +118,7 @@ def build_toy(*, build: ToyBuild = DEFAULT, progress: bool = True) -> dict:
     root = build.root()
     report_path = root / "base_report.json"
     if report_path.exists():
-        return json.loads(report_path.read_text())
+        return json.loads(report_path.read_text(encoding="utf-8"))
     log = print if progress else (lambda *a, **k: None)
     t0 = time.time()
     log(f"building the toy base in {root} (world, tokenizer, pretraining: minutes on a 2-core CPU)")
@@ -135,10 +135,33 @@ def build_toy(*, build: ToyBuild = DEFAULT, progress: bool = True) -> dict:
     for stage in ("stage2", "stage3"):  # each stage folder says it is a toy (a model path then gets toy defaults)
         shutil.copy(init / "toy_spec.json", root / stage / "toy_spec.json")
     report["build_seconds"] = time.time() - t0
+    report["machine"] = build_machine()
     tmp = report_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     tmp.replace(report_path)  # the report's presence marks a complete build
-    return json.loads(report_path.read_text())  # as JSON, like every later (cached) call returns it
+    return json.loads(report_path.read_text(encoding="utf-8"))  # as JSON, like every later (cached) call returns it
+
+
+def build_machine() -> dict:
+    """What the build ran on. The key fixes the settings, not the weights: the same key pretrained on another
+    CPU (other float kernels) or thread count gave other weights (measured 2026-12-03: key 0a626e1cec on an AMD
+    EPYC had task_val loss 6.77 and general_eval 0.54 where an earlier machine's build had 6.21 and 0.29; the
+    losses part in the 7th digit at pretraining step 2). Studies on two builds are two setups (setups.py)."""
+    import platform
+
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "machine": platform.machine(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def toy_files(build: ToyBuild = DEFAULT, world: Path | None = None) -> dict[str, Path]:

@@ -189,7 +189,7 @@ def build_toy_checkpoint(out_dir: str | Path, corpus: Iterable[str], spec: ToySp
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        (tmp / "toy_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+        (tmp / "toy_spec.json").write_text(json.dumps(asdict(spec), indent=2), encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
