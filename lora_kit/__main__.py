@@ -130,7 +130,10 @@ def cmd_bench(args) -> int:
     result = run_bench(variants=args.variants or ("A1", "B3", "C2"), files=args.file, overrides=parse_set(args.set),
                        toy_dir=Path(args.toy_dir) if args.toy_dir else None, random_init=args.random_init,
                        samples=args.samples, epochs=args.epochs, repeats=args.repeats,
-                       generation=not args.no_generation, eval_share=not args.no_eval_share, out=args.out)
+                       generation=not args.no_generation, eval_share=not args.no_eval_share,
+                       evaluation=not args.no_evaluation, study=not args.no_study,
+                       study_variants=tuple(args.study_variants), study_steps=args.study_steps, jobs=args.jobs,
+                       out=args.out)
     print(table(result))
     print(f"written to {result['written_to']}")
     return 0
@@ -139,7 +142,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo()
+    return run_demo(jobs=args.jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,10 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-generation", action="store_true", help="skip batched-vs-sequential generation")
     p.add_argument("--no-eval-share", action="store_true", help="skip the default run's evaluation share")
+    p.add_argument("--no-evaluation", action="store_true",
+                   help="skip one guardrail evaluation timed straightforward against cached")
+    p.add_argument("--no-study", action="store_true", help="skip the study's wall time one at a time against --jobs")
+    p.add_argument("--study-variants", nargs="+", default=["A1", "C2"], help="the study's variants after A0")
+    p.add_argument("--study-steps", type=int, default=40, help="optimizer steps of each study run")
+    p.add_argument("--jobs", type=int, default=2, help="study runs at a time in the parallel arm")
     p.add_argument("--out", default=None, help="JSON path (default outputs/bench/bench.json, table beside it)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="what `make demo` runs")
+    p.add_argument("--jobs", type=int, default=1, help="variants run in parallel, as matrix --jobs (on a CPU each "
+                                                       "gets its share of the cores as torch threads)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -240,6 +240,53 @@ def bench_generation(cfg: RunConfig, model_path: Path, files: dict, *, repeats: 
             "runs": times, "cpu_runs": cpu}
 
 
+def bench_evaluation(cfg: RunConfig, model_path: Path, files: dict, *, repeats: int) -> dict:
+    """Seconds of one guardrail evaluation of the variant (its LoRA attached, B moved off zero so that the adapters
+    act), the straightforward way (cache=False) against the kit's (prompts encoded once, each image through the
+    vision tower once, the frozen vision blocks and the frozen prefix cached), alternating; one evaluation of each
+    first fills the caches, as step 0 does in a run. Also whether the two records agree (answers equal, losses)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from .evaluate import guardrail_record, image_cache
+    from .prefix import FrozenPrefix, plan_prefix
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    model, _ = load_lora_model(model_path, cfg, plain=False)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    encoder = Encoder.for_run(processor, cfg)
+    es = build_evalset(cfg, encoder, files)
+    plan = plan_prefix(model, augmentation=cfg.augmentation)
+    prefix = FrozenPrefix(model, plan, log=lambda *_: None) if plan.mode != "none" else None
+    images = image_cache(model, log=lambda *_: None)
+    arm = lambda cached: guardrail_record(  # noqa: E731
+        model, encoder, es, cfg, step=None, baseline_captions=None, cache=cached,
+        prefix=prefix if cached else None, images=images if cached else None)
+    first = {cached: arm(cached) for cached in (False, True)}  # fills the caches (and the other arm's warm-up)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    parts: dict[bool, list[dict]] = {False: [], True: []}
+    for r in range(repeats):
+        for cached in ((False, True) if r % 2 == 0 else (True, False)):
+            record, _, _ = arm(cached)
+            times[cached].append(record["eval_seconds"])
+            parts[cached].append(record["eval_parts"])
+    med = lambda cached: statistics.median(times[cached])  # noqa: E731
+    (ref, ref_gens, ref_caps), (new, gens, caps) = first[False], first[True]
+    return {"variant": cfg.variant_name, "prompts": len(es.bench) + len(es.exact) + len(es.spotcheck)
+            + len(es.crops) * (1 + cfg.crop_jitter_k), "loss_samples": len(es.val) + len(es.train_subset)
+            + len(es.general), "straightforward_seconds": med(False), "cached_seconds": med(True),
+            "speedup": med(False) / med(True),
+            "parts": {arm_name: {k: statistics.median(p[k] for p in parts[c]) for k in parts[c][0]}
+                      for arm_name, c in (("straightforward", False), ("cached", True))},
+            "same_answers": [g.answer for g in gens] == [g.answer for g in ref_gens] and caps == ref_caps
+            and new["crop"] == ref["crop"] and new.get("task_exact_match") == ref.get("task_exact_match"),
+            "max_loss_difference": max(abs(new[k] - ref[k]) for k in ("eval_loss", "train_loss", "general_loss")),
+            "fast_path": plan.mode, "image_cache": images.plan.mode if images else "none", "runs": times}
+
+
 def bench_eval_share(cfg: RunConfig) -> dict:
     """A default run (train()) in a temporary folder after A0, as in the study: the share of its wall time
     spent in guardrail evaluation (its step 0 is A0's, copied, when A0's evaluation settings match)."""
@@ -260,6 +307,58 @@ def bench_eval_share(cfg: RunConfig) -> dict:
             "step0_copied": bool(records and records[0].get("copied_from")), "a0_seconds": a0_seconds,
             "wall_seconds": t["wall_seconds"], "eval_seconds": t["eval_seconds"], "eval_share": t["eval_share"],
             "eval_parts": t["eval_parts"], "fast_path": summary.get("fast_path")}
+
+
+def study_overrides(cfg: RunConfig, steps: int) -> dict:
+    """What every matrix job of the study benchmark sets: the benchmark config's model, data and evaluation
+    settings (the toy profile's, resolved), `steps` optimizer steps, no early stop (every run does the same work)."""
+    keep = ("model", "profile", "train_file", "val_file", "bench_file", "general_file", "spotcheck_file", "terms_file",
+            "learning_rate", "vit_lr", "aligner_lr", "lr_scheduler_type", "warmup_ratio", "eval_steps", "save_steps",
+            "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "packing",
+            "per_device_eval_batch_size", "max_new_tokens", "eval_max_samples", "exact_match_samples", "crop_jitter_k",
+            "gap_widen_max", "plateau_patience", "plateau_threshold", "min_pixels", "max_pixels")
+    values = cfg.to_dict()
+    return {**{k: values[k] for k in keep if k in values}, "max_steps": steps, "early_stopping": False}
+
+
+def _metric_values(record: dict) -> dict:
+    """A metrics.jsonl line without its timings: what must be the same however the run was scheduled."""
+    return {k: v for k, v in record.items() if k not in ("eval_seconds", "eval_parts", "copied_from")}
+
+
+def bench_study(cfg: RunConfig, variants: tuple[str, ...], *, steps: int, jobs: int = 2, log=print) -> dict:
+    """The study's wall time through the matrix runner (A0 first, then `variants`), one at a time (each run
+    with torch's default threads, all the cores) and `jobs` at a time (each run with its share of the cores as
+    torch threads), in one process, one after the other; and whether each run's metrics.jsonl is the same."""
+    from .matrix import plan_jobs, run_matrix
+
+    overrides = study_overrides(cfg, steps)
+    out: dict = {"variants": ["A0", *variants], "steps": steps, "jobs": jobs, "cores": _cores()}
+    metrics: dict[int, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, jobs):
+            root = Path(tmp) / f"jobs{n}"
+            t0 = time.perf_counter()
+            statuses = run_matrix(plan_jobs(list(variants), overrides=overrides), runs_root=root, n_jobs=n,
+                                  log=lambda *_: None)
+            out[f"seconds_jobs{n}"] = time.perf_counter() - t0
+            out[f"statuses_jobs{n}"] = statuses
+            metrics[n] = {v: [_metric_values(json.loads(line)) for line in
+                              (root / v / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+                          for v in statuses if (root / v / "metrics.jsonl").is_file()}
+            out[f"run_seconds_jobs{n}"] = {v: (json.loads((root / v / "summary.json").read_text(encoding="utf-8"))
+                                               .get("timings") or {}).get("wall_seconds") for v in statuses}
+            log(f"  study, {n} at a time: {out[f'seconds_jobs{n}']:.0f} s ({statuses})")
+    out["speedup"] = out["seconds_jobs1"] / out[f"seconds_jobs{jobs}"]
+    out["identical"] = metrics[1] == metrics[jobs] and len(metrics[1]) == len(out["variants"])
+    out["differing"] = sorted(v for v in metrics[1] if metrics[1].get(v) != metrics[jobs].get(v))
+    return out
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------- the report
@@ -301,12 +400,31 @@ def table(result: dict) -> str:
                      f"{s['eval_seconds']:.0f} s of {s['wall_seconds']:.0f} s in evaluation, "
                      f"**{100 * s['eval_share']:.0f}%** (" + ", ".join(
                          f"{part} {seconds:.0f} s" for part, seconds in s["eval_parts"].items()) + ").")
+    for e in result.get("evaluation") or []:
+        p = e["parts"]
+        lines.append(f"\nOne guardrail evaluation of {e['variant']} ({e['prompts']} generations, {e['loss_samples']} "
+                     f"loss samples): straightforward {e['straightforward_seconds']:.1f} s, cached "
+                     f"{e['cached_seconds']:.1f} s: **{e['speedup']:.2f}×** (image cache {e['image_cache']}, "
+                     f"fast path {e['fast_path']}; same answers: {e['same_answers']}, losses within "
+                     f"{e['max_loss_difference']:.1e}). Parts straightforward / cached: " + ", ".join(
+                         f"{k} {p['straightforward'][k]:.1f} / {p['cached'].get(k, 0):.1f} s" for k in p["straightforward"])
+                     + ".")
+    st = result.get("study")
+    if st:
+        n = st["jobs"]
+        lines.append(f"\nThe study {' '.join(st['variants'])} ({st['steps']} steps each, matrix runner, {st['cores']} "
+                     f"cores): one at a time {st['seconds_jobs1']:.0f} s, {n} at a time (one torch thread each) "
+                     f"{st[f'seconds_jobs{n}']:.0f} s: **{st['speedup']:.2f}×**; every run's metrics.jsonl the same "
+                     f"both ways: {st['identical']}" + (f" (differing: {', '.join(st['differing'])})"
+                                                         if st["differing"] else "") + ".")
     return "\n".join(lines)
 
 
 def run_bench(*, variants=VARIANTS, files: list[str] = (), overrides: dict | None = None, toy_dir: Path | None = None,
               random_init: bool = False, samples: int = 96, epochs: float = 3.0, repeats: int = 3,
-              generation: bool = True, eval_share: bool = True, out: Path | None = None, log=print) -> dict:
+              generation: bool = True, eval_share: bool = True, evaluation: bool = True, study: bool = True,
+              study_variants: tuple[str, ...] = ("A1", "C2"), study_steps: int = 40, jobs: int = 2,
+              out: Path | None = None, log=print) -> dict:
     """The whole benchmark; writes JSON (and the table next to it) and returns the result."""
     result: dict = {"machine": machine(), "settings": {"samples": samples, "epochs": epochs, "repeats": repeats,
                                                        "random_init": random_init}, "training": []}
@@ -322,9 +440,18 @@ def run_bench(*, variants=VARIANTS, files: list[str] = (), overrides: dict | Non
     if generation:
         log("generation: batched against one at a time")
         result["generation"] = bench_generation(cfg, model_path, data, repeats=repeats)
+    if evaluation:
+        result["evaluation"] = []
+        for variant in dict.fromkeys(("A1", variants[-1])):  # a frozen vision tower, and the last variant's
+            vcfg = bench_config(variant, list(files), overrides or {}, toy_dir, random_init)
+            log(f"{variant}: one guardrail evaluation, straightforward against cached")
+            result["evaluation"].append(bench_evaluation(vcfg, model_path, data, repeats=repeats))
     if eval_share:
         log(f"a default {cfg.variant_name} run for the guardrail evaluation share")
         result["eval_share"] = bench_eval_share(cfg)
+    if study:
+        log(f"the study A0 {' '.join(study_variants)} ({study_steps} steps each): one at a time, then {jobs} at a time")
+        result["study"] = bench_study(cfg, tuple(study_variants), steps=study_steps, jobs=jobs, log=log)
     out = Path(out) if out else outputs_dir() / "bench" / "bench.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))

@@ -49,13 +49,17 @@ def _generation_context(model):
 
 @torch.no_grad()
 def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int = 16,
-             max_new_tokens: int = 32, augments: list | None = None, ranks=None) -> list[Generation]:
+             max_new_tokens: int = 32, augments: list | None = None, ranks=None, images=None,
+             prompts: list[Encoded] | None = None) -> list[Generation]:
     """Greedy answers for the samples' prompts, batched (left padding) with the KV cache.
 
     `augments`, when given, holds one image transform per sample (the crop-jitter metric).
     `ranks` (a distributed.Ranks whose weights are sharded): this rank answers its share of the samples
     and every rank returns all answers. model.generate keeps the ranks in step (synced_gpus), since
     transformers detects FSDP and ZeRO-3.
+    `images` (an EvalImages): the vision tower's output per image computed once for all the prompts showing it,
+    instead of once per prompt.
+    `prompts`: the samples' prompts already encoded (encoder.encode_prompt, with their augments), e.g. EvalSet's.
     """
     if ranks is not None and ranks.shares_evaluation:
         share = ranks.share(list(range(len(samples))), pad=0)
@@ -64,7 +68,8 @@ def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int 
         return ranks.gather(mine, len(samples))
     tok = encoder.tokenizer
     eos = tok.eos_token_id
-    prompts = [encoder.encode_prompt(s, augments[i] if augments else None) for i, s in enumerate(samples)]
+    if prompts is None:
+        prompts = [encoder.encode_prompt(s, augments[i] if augments else None) for i, s in enumerate(samples)]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))  # less padding
     out: list[Generation | None] = [None] * len(samples)
     was_training = model.training
@@ -76,6 +81,10 @@ def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int 
                                    padding_side="left")
             batch.pop("labels")
             batch = to_device(batch, model)
+            if images is not None and batch.get("pixel_values") is not None:
+                # what model.generate would compute from the pixels before its prefill, from the cache
+                batch["mm_encoder_outputs"] = {"image": images.outputs([prompts[i] for i in idx], model.device)}
+                batch.pop("pixel_values")
             with _generation_context(model):
                 seq = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=eos, pad_token_id=tok.pad_token_id)
@@ -88,6 +97,73 @@ def generate(model, encoder: Encoder, samples: list[Sample], *, batch_size: int 
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
+
+
+def image_cache(model, *, log=print):
+    """A run's per-image cache of its frozen vision blocks, kept across evaluations (EvalImages reads it), or None
+    when nothing of the vision tower is frozen (prefix.plan_images says why, logged): while the blocks stay
+    frozen, the same pixels give the same output, and the crops (the same ones at every evaluation) hit too."""
+    from .prefix import FrozenPrefix, _available_bytes, image_key, plan_images
+
+    plan = plan_images(model)
+    log(f"generation's vision cache: {plan.mode} ({plan.why})")
+    if plan.mode == "none":
+        return None
+    # a quarter of the memory free now, beside the training cache's half of it
+    return FrozenPrefix(model, plan, key=image_key, max_bytes=_available_bytes() // 4, log=log)
+
+
+class EvalImages:
+    """What the model's get_image_features returns, per image, for the generations of one guardrail evaluation.
+
+    The weights do not change during an evaluation, so an image's output is computed once for all its prompts
+    (the benchmark's probe groups ask the same images, the crops' uncropped prompts are benchmark images), from
+    `frozen` (image_cache: the frozen blocks' cache kept across evaluations) or the whole tower.
+    """
+
+    def __init__(self, model, frozen=None):
+        from .families import family_of_model
+        from .prefix import core_model
+
+        self.inner, self.frozen, self.family = core_model(model).model, frozen, family_of_model(model)
+        self.memo: dict = {}  # image_key -> (pooler per image, [taps per image] per tap)
+        self._keys: dict[int, tuple] = {}  # id(pixel tensor) -> (the tensor, kept so the id stays its own; its key)
+        self.hits = self.misses = 0
+
+    def _key(self, e: Encoded) -> tuple:
+        from .prefix import image_key
+
+        held = self._keys.get(id(e.pixel_values))
+        if held is None or held[0] is not e.pixel_values:
+            held = self._keys[id(e.pixel_values)] = (e.pixel_values, image_key(e))
+        return held[1]
+
+    @torch.no_grad()
+    def outputs(self, prompts: list[Encoded], device):
+        """The image outputs of a batch of prompts (in row order), as model.generate's mm_encoder_outputs["image"]."""
+        with_images = [e for e in prompts if e.pixel_values is not None]
+        keys = [self._key(e) for e in with_images]
+        missing = {k: e for k, e in zip(keys, with_images) if k not in self.memo}
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            samples = list(missing.values())
+            grid = torch.cat([e.image_grid_thw for e in samples]).to(device)
+            if self.frozen is not None:
+                out = self.frozen.image_outputs(samples, grid)
+            else:
+                pixels = torch.cat([e.pixel_values for e in samples]).to(device)
+                out = self.inner.get_image_features(pixels, grid, return_dict=True)
+            pooler, taps = list(out.pooler_output), [list(t) for t in getattr(out, "deepstack_features", None) or []]
+            at = 0
+            for k, e in missing.items():
+                n = len(e.image_grid_thw)
+                self.memo[k] = (pooler[at:at + n], [t[at:at + n] for t in taps])
+                at += n
+        entries = [self.memo[k] for k in keys]
+        pooler = tuple(p for entry in entries for p in entry[0])
+        taps = [tuple(p for entry in entries for p in entry[1][i]) for i in range(len(entries[0][1]))]
+        return self.family.image_outputs(pooler, taps)
 
 
 @torch.no_grad()
@@ -180,26 +256,38 @@ def samples_record(samples: list[Sample], generations: list[Generation]) -> list
              else None, **asdict(g)} for s, g in zip(samples, generations)]
 
 
-def caption_answers(model, encoder: Encoder, samples: list[Sample], cfg, ranks=None) -> list[str]:
+def caption_answers(model, encoder: Encoder, samples: list[Sample], cfg, ranks=None, images=None,
+                    prompts: list[Encoded] | None = None) -> list[str]:
     """Free-form captions of the fixed spot-check images (their prompt is in the file)."""
     return [g.answer for g in generate(model, encoder, samples, batch_size=cfg.per_device_eval_batch_size,
-                                       max_new_tokens=cfg.max_new_tokens, ranks=ranks)]
+                                       max_new_tokens=cfg.max_new_tokens, ranks=ranks, images=images,
+                                       prompts=prompts)]
 
 
-def crop_consistency(model, encoder: Encoder, samples: list[Sample], cfg, ranks=None) -> dict:
-    """K small crop jitters per image: agreement with the uncropped answer, label flips, mean chrF."""
-    import random
-
+def crop_augments(samples: list[Sample], k: int) -> tuple[list[Sample], list]:
+    """(each sample K times, one fixed crop jitter per copy): the same crops at every evaluation."""
     from .augment import crop_jitter
 
-    k = cfg.crop_jitter_k
-    full = generate(model, encoder, samples, batch_size=cfg.per_device_eval_batch_size,
-                    max_new_tokens=cfg.max_new_tokens, ranks=ranks)
     jittered = [s for s in samples for _ in range(k)]
-    rngs = [random.Random(EVAL_SEED * 1000 + i) for i in range(len(jittered))]  # the same crops every evaluation
-    augments = [lambda im, r=r: crop_jitter(im, r, 0.5) for r in rngs]
+    rngs = [random.Random(EVAL_SEED * 1000 + i) for i in range(len(jittered))]
+    return jittered, [lambda im, r=r: crop_jitter(im, r, 0.5) for r in rngs]
+
+
+def crop_consistency(model, encoder: Encoder, samples: list[Sample], cfg, ranks=None, images=None,
+                     evalset: "EvalSet | None" = None) -> dict:
+    """K small crop jitters per image: agreement with the uncropped answer, label flips, mean chrF.
+
+    With `evalset`, the prompts (crops included) are encoded once there and reused at later evaluations."""
+    k = cfg.crop_jitter_k
+    jittered, augments = crop_augments(samples, k)
+    encoded = (lambda part, ss, aug=None: evalset.prompts(part, encoder, ss, aug)) if evalset is not None else \
+        (lambda part, ss, aug=None: None)  # noqa: E731
+    full = generate(model, encoder, samples, batch_size=cfg.per_device_eval_batch_size,
+                    max_new_tokens=cfg.max_new_tokens, ranks=ranks, images=images,
+                    prompts=encoded("crops_full", samples))
     crops = generate(model, encoder, jittered, batch_size=cfg.per_device_eval_batch_size,
-                     max_new_tokens=cfg.max_new_tokens, augments=augments, ranks=ranks)
+                     max_new_tokens=cfg.max_new_tokens, augments=augments, ranks=ranks, images=images,
+                     prompts=encoded("crops", jittered, augments))
     per_image = [scoring.consistency([c.answer for c in crops[i * k:(i + 1) * k]], full[i].answer,
                                      cfg.irrelevant_label) for i in range(len(samples))]
     mean = lambda key: sum(p[key] for p in per_image) / len(per_image) if per_image else math.nan  # noqa: E731
@@ -282,6 +370,15 @@ class EvalSet:
     exact: list[Sample] = field(default_factory=list)  # validation samples whose generated answer is scored
     skipped_val: list[str] = field(default_factory=list)  # validation samples that could not be encoded
     base_answers: list[str] | None = None  # the start model's greedy benchmark answers (kl_to_base), once per run
+    _prompts: dict = field(default_factory=dict, repr=False)
+
+    def prompts(self, part: str, encoder: Encoder, samples: list[Sample], augments: list | None = None) -> list[Encoded]:
+        """The prompts of one part of the evaluation (bench, exact, captions, crops...), encoded at its first
+        evaluation and reused after: the samples and their augments (fixed crops) are the same every time."""
+        if part not in self._prompts:
+            self._prompts[part] = [encoder.encode_prompt(s, augments[i] if augments else None)
+                                   for i, s in enumerate(samples)]
+        return self._prompts[part]
 
 
 # The evaluation samples (benchmark, training subset, exact-match subset, crops) are drawn with this seed, not the
@@ -338,13 +435,17 @@ def build_evalset(cfg, encoder: Encoder, files: dict[str, Path], train_samples: 
 
 def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | None,
                      baseline_captions: list[str] | None, verdicts: list[dict] = (),
-                     prefix=None, ranks=None) -> tuple[dict, list, list]:
+                     prefix=None, ranks=None, images=None, cache: bool = True) -> tuple[dict, list, list]:
     """Every guardrail metric of one model state: (metrics record, benchmark generations, captions).
 
     Losses use one estimator (token-weighted, eval mode) for validation, the training subset and the
     general slice, so the generalization gap compares like with like; `prefix` (the training run's
-    frozen-prefix cache) computes them without repeating the frozen layers. With `ranks` whose weights
-    are sharded, every rank must call this: each evaluates its share, and all return the same record.
+    frozen-prefix cache) computes them without repeating the frozen layers. Generation encodes each prompt once
+    (kept in `es`) and runs the vision tower once per image of the evaluation (EvalImages), its frozen blocks
+    from `images` (the run's image_cache) when given. cache=False is the straightforward path (every prompt
+    encoded, every image through the whole tower, for every prompt), which the tests compare with. With `ranks`
+    whose weights are sharded, every rank must call this: each evaluates its share (without these caches), and
+    all return the same record.
     """
     from . import guardrails
 
@@ -357,24 +458,28 @@ def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | N
         parts[part] = parts.get(part, 0.0) + time.time() - t
         return out
 
+    cache = cache and not (ranks is not None and ranks.shares_evaluation)
+    images = EvalImages(model, images) if cache else None  # a model of a family the kit knows (start_model checks)
+    gen = lambda part, samples: generate(  # noqa: E731
+        model, encoder, samples, batch_size=cfg.per_device_eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+        ranks=ranks, images=images, prompts=es.prompts(part, encoder, samples) if cache else None)
     pad = encoder.tokenizer.pad_token_id
     loss = lambda data: timed("losses", lambda: mean_loss(  # noqa: E731
         model, data, batch_size=cfg.per_device_eval_batch_size, image_token_id=encoder.image_token_id, pad_id=pad,
         prefix=prefix, ranks=ranks))
     eval_loss, train_loss = loss(es.val), loss(es.train_subset)
-    gens = timed("benchmark", lambda: generate(model, encoder, es.bench, batch_size=cfg.per_device_eval_batch_size,
-                                               max_new_tokens=cfg.max_new_tokens, ranks=ranks))
+    gens = timed("benchmark", lambda: gen("bench", es.bench))
     record = {"step": step, "eval_loss": eval_loss, "train_loss": train_loss, "gap": eval_loss - train_loss,
               "general_loss": loss(es.general)}
     record["probes"] = benchmark_metrics(es.bench, gens, es.terms, cfg.irrelevant_label)
     if es.exact:
-        answers = timed("exact match", lambda: generate(model, encoder, es.exact, batch_size=cfg.per_device_eval_batch_size,
-                                                        max_new_tokens=cfg.max_new_tokens, ranks=ranks))
+        answers = timed("exact match", lambda: gen("exact", es.exact))
         record["task_exact_match"] = task_exact_match(es.exact, answers).as_dict()
     for probe, kl in timed("kl", kl_to_base, model, encoder, es, cfg, ranks).items():
         record["probes"].setdefault(probe, {}).update(kl)
-    captions = timed("captions", caption_answers, model, encoder, es.spotcheck, cfg, ranks)
-    record["crop"] = timed("crops", crop_consistency, model, encoder, es.crops, cfg, ranks) if es.crops else None
+    captions = timed("captions", lambda: [g.answer for g in gen("captions", es.spotcheck)])
+    record["crop"] = timed("crops", lambda: crop_consistency(model, encoder, es.crops, cfg, ranks, images,
+                                                            es if cache else None)) if es.crops else None
     record["captions"] = captions  # the caption baseline of later runs when this is A0's step 0
     record["caption"] = guardrails.caption_sanity(
         captions, baseline_captions if baseline_captions is not None else captions, es.terms,

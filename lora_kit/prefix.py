@@ -24,6 +24,7 @@ training relies on it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -110,6 +111,35 @@ def plan_prefix(model, *, augmentation: str = "none", world_size: int = 1) -> Pr
                       why=f"vision blocks 0-{vit_start - 1} frozen: {cached} cached per image")
 
 
+def plan_images(model) -> PrefixPlan:
+    """What generation can cache of the vision tower, per image (`vision` mode, or `none` with why).
+
+    Generation runs in eval mode, so dropout does not matter here; the frozen vision blocks (all of them while
+    the tower is frozen, then the cache holds the merger's output and deepstack features) give the same output
+    for the same pixels at every evaluation. A trained patch embedding or aligner leaves nothing to cache."""
+    from .errors import ConfigError
+
+    try:
+        family = family_of_model(model)
+    except ConfigError as e:
+        return PrefixPlan("none", why=str(e))
+    visual = core_model(model).model.visual
+    blocks = list(visual.blocks)
+    aligner = family.aligner(visual)
+    before_blocks = [m for m in visual.children()
+                     if m is not visual.blocks and not any(a is x for x in m.modules() for a in aligner)]
+    if any(_trains(m) for m in before_blocks):
+        return PrefixPlan("none", why="the patch embedding trains")
+    if any(_trains(m) for m in aligner):
+        return PrefixPlan("none", why="the aligner trains")
+    vit_start = next((i for i, b in enumerate(blocks) if _trains(b)), len(blocks))
+    if vit_start == 0:
+        return PrefixPlan("none", why="the first vision block trains")
+    return PrefixPlan("vision", vit_start=vit_start,
+                      why="vision tower frozen: its output is cached per image" if vit_start == len(blocks) else
+                      f"vision blocks 0-{vit_start - 1} frozen: their output is cached per image")
+
+
 # ---------------------------------------------------------------- running parts of the model
 
 class _Stop(Exception):
@@ -170,6 +200,14 @@ def _key(e: Encoded) -> tuple:
     return (e.source, len(e.input_ids), hash(tuple(e.input_ids)))
 
 
+def image_key(e: Encoded) -> tuple:
+    """A key by the sample's pixels alone: prompts that show the same image under other words share its entry,
+    and an augmented crop (other pixels) gets its own."""
+    pixels = e.pixel_values.detach().to("cpu").contiguous().flatten().view(torch.uint8)
+    return (tuple(e.image_grid_thw.flatten().tolist()), str(e.pixel_values.dtype),
+            hashlib.blake2b(pixels.numpy().tobytes(), digest_size=16).hexdigest())
+
+
 def _available_bytes() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -180,8 +218,9 @@ def _available_bytes() -> int:
 class FrozenPrefix:
     """The cache of one run's frozen prefix and the forward pass that uses it (see the module docstring)."""
 
-    def __init__(self, model, plan: PrefixPlan, *, max_bytes: int | None = None, log=print):
+    def __init__(self, model, plan: PrefixPlan, *, max_bytes: int | None = None, log=print, key=_key):
         self.plan = plan
+        self.key = key  # what an entry is keyed by: the sample (training, losses) or its pixels (image_key)
         self.cache: dict[tuple, object] = {}
         self.bytes = 0
         self.max_bytes = _available_bytes() // 2 if max_bytes is None else max_bytes
@@ -209,6 +248,12 @@ class FrozenPrefix:
         return self.inner(**inputs, use_cache=False).last_hidden_state
 
     @torch.no_grad()
+    def image_outputs(self, prompts: list[Encoded], image_grid_thw: torch.Tensor):
+        """What the model's get_image_features returns for the images of `prompts` (in order, the batch's
+        `image_grid_thw`), from the cache of the frozen vision blocks; vision mode only."""
+        return self._vision_outputs({"image_grid_thw": image_grid_thw}, [[e] for e in prompts])
+
+    @torch.no_grad()
     def check(self, model, batch: dict, rows: list[list[Encoded]]) -> float:
         """|fast loss - the model's own loss| on one batch, in eval mode (no dropout)."""
         was_training = model.training
@@ -227,16 +272,17 @@ class FrozenPrefix:
     # ---- llm: hidden states entering decoder layer llm_start, per sample
 
     def _llm_route(self, inputs: dict, rows: list[list[Encoded]]) -> torch.Tensor:
-        found = self._lookup([e for row in rows for e in row], self._llm_prefix)
+        found = iter(self._lookup([e for row in rows for e in row], self._llm_prefix))
+        entries = [[next(found) for _ in row] for row in rows]
         width = inputs["input_ids"].shape[1]
-        hidden0, _ = next(iter(found.values()))
+        hidden0, _ = entries[0][0]
         hidden = hidden0.new_zeros((len(rows), width, hidden0.shape[-1]))
         positions = torch.zeros((3, len(rows), width), dtype=torch.long, device=hidden.device)
         for r, row in enumerate(rows):
             col = 0
-            for e in row:
+            for e, entry in zip(row, entries[r]):
                 n = len(e.input_ids)
-                hidden[r, col:col + n], positions[:, r, col:col + n] = found[_key(e)]
+                hidden[r, col:col + n], positions[:, r, col:col + n] = entry
                 col += n
         # packed rows bring their per-sample positions; padded rows get each sample's own rope positions
         # from the cache (what get_rope_index gives a right-padded batch, without recomputing it per step)
@@ -267,8 +313,7 @@ class FrozenPrefix:
     def _vision_outputs(self, inputs: dict, rows: list[list[Encoded]]):
         visual = self.inner.visual
         samples = [e for row in rows for e in row if e.pixel_values is not None]
-        found = self._lookup(samples, self._vision_prefix)
-        parts = [found[_key(e)] for e in samples]
+        parts = self._lookup(samples, self._vision_prefix)
         hidden = torch.cat([p[0] for p in parts])
         taps = [torch.cat([p[1][k] for p in parts]) for k in range(len(parts[0][1]))]
         grid = inputs["image_grid_thw"]
@@ -310,21 +355,17 @@ class FrozenPrefix:
 
     # ---- storage
 
-    def _lookup(self, samples: list[Encoded], compute) -> dict:
-        """Cached entries of the samples, computing the missing ones (in one batch) and storing them."""
+    def _lookup(self, samples: list[Encoded], compute) -> list:
+        """The cached entries of the samples, in order, computing the missing ones (in one batch) and storing them."""
         device = self.lm_head.weight.device
-        missing = list({_key(e): e for e in samples if _key(e) not in self.cache}.values())
+        keys = [self.key(e) for e in samples]
+        missing = {k: e for k, e in zip(keys, samples) if k not in self.cache}
         self.hits += len(samples) - len(missing)
         self.misses += len(missing)
-        found = {}
-        if missing:
-            for e, value in zip(missing, compute(missing)):
-                found[_key(e)] = value
-                self._store(_key(e), value)
-        for e in samples:
-            if _key(e) not in found:
-                found[_key(e)] = _to(self.cache[_key(e)], device)
-        return found
+        found = dict(zip(missing, compute(list(missing.values())))) if missing else {}
+        for k, value in found.items():
+            self._store(k, value)
+        return [found[k] if k in found else _to(self.cache[k], device) for k in keys]
 
     def _store(self, key, value) -> None:
         size = sum(t.numel() * t.element_size() for t in _tensors(value))

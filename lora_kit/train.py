@@ -27,7 +27,7 @@ from .distributed import Ranks, init_ranks
 from .data import Encoded, Encoder, collate_padded, collate_rows, pack_rows, rope_index_fn
 from .device import compute_device, compute_dtype
 from .errors import ConfigError, LoraKitError
-from .evaluate import EvalSet, guardrail_record, samples_record, to_device
+from .evaluate import EvalSet, guardrail_record, image_cache, samples_record, to_device
 from .inputs import data_files, resolve_inputs  # noqa: F401  (data_files: callers import it from here)
 from .metrics import METRICS, probe_metrics
 from .paths import REPO_ROOT, runs_dir
@@ -237,6 +237,7 @@ class GuardrailCallback(TrainerCallback):
         self.eval_parts: dict[str, float] = {}  # seconds per part of the evaluations (losses, benchmark, ...)
         self.tb = None
         self.prefix: FrozenPrefix | None = None  # the training run's frozen-prefix cache, for the losses
+        self.images: FrozenPrefix | None = None  # the frozen vision blocks' output per image, for generation
         self.trainer = None  # set by train(): with sharded weights the Trainer's (wrapped) model is evaluated
 
     def measure(self, model, step: int) -> tuple[dict, list, list]:
@@ -247,7 +248,7 @@ class GuardrailCallback(TrainerCallback):
             baseline_captions, verdicts = self._baseline_captions(), self.run.verdicts()
         return guardrail_record(model, self.encoder, self.evalset, self.cfg, step=step,
                                 baseline_captions=baseline_captions, verdicts=verdicts, prefix=self.prefix,
-                                ranks=self.ranks)
+                                ranks=self.ranks, images=self.images)
 
     def measure_then(self, model, step: int, then, *args):
         """Measure the model (on rank 0, or on every rank when the weights are sharded), then run
@@ -445,6 +446,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         collator = Collator(processor, model, cfg.packing, cfg.max_length, rows=True)
         if trainable:  # before step 0, whose losses then fill the cache for every later evaluation
             callback.prefix = frozen_prefix(model, cfg, collator, train_data, world_size=ranks.world_size, log=log)
+        if ranks.world_size == 1:  # (several processes: rank 0 evaluates alone, or the ranks share uncached)
+            callback.images = image_cache(model, log=log)
         trainer = None
         if ranks.on_rank0(lambda: not callback.history):  # step 0: the baseline before any update
             shared = ranks.on_rank0(shared_step0, cfg, run, params)
@@ -519,6 +522,7 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                         "eval_share": callback.eval_seconds / max(time.time() - t_start, 1e-9)},
             "skipped_samples": len(skipped_train) + len(skipped_val),
             "fast_path": callback.prefix.stats() if callback.prefix else None,
+            "image_cache": callback.images.stats() if callback.images else None,
         }
         run.finish(summary)
         log(f"{cfg.variant_name}: {status}" + (f" ({trig.name} at step {trig.step})" if trig else "")

@@ -46,13 +46,17 @@ def test_cli_writes_json_and_table(toy_ckpt, mini_world, tmp_path):
     params.write_text(json.dumps(tiny(toy_ckpt, mini_world)))
     out = tmp_path / "bench.json"
     assert main(["bench", "A1", "-f", str(params), "--samples", "4", "--epochs", "1", "--repeats", "1",
-                 "--no-eval-share", "--out", str(out)]) == 0
+                 "--no-eval-share", "--no-study", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [t["variant"] for t in result["training"]] == ["A1"]
     assert result["generation"]["prompts"] == 12  # eval_max_samples 2 per kind, 3 kinds, 2 probe groups
     assert result["generation"]["speedup"] > 0 and result["machine"]["cores"]
+    # one guardrail evaluation both ways: the cached one gives the straightforward one's answers and losses
+    [evaluation] = result["evaluation"]
+    assert evaluation["variant"] == "A1" and evaluation["image_cache"] == "vision" and evaluation["fast_path"] == "llm"
+    assert evaluation["same_answers"] and evaluation["max_loss_difference"] < 1e-4
     table = out.with_suffix(".md").read_text()
-    assert "| A1 |" in table and "one at a time" in table
+    assert "| A1 |" in table and "one at a time" in table and "One guardrail evaluation of A1" in table
 
 
 def test_eval_share_run_follows_a0_and_copies_its_step0(toy_ckpt, mini_world, tmp_path):
