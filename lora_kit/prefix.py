@@ -89,14 +89,9 @@ def plan_prefix(model, *, augmentation: str = "none", world_size: int = 1) -> Pr
     blocks, layers = list(visual.blocks), list(text.layers)
     vit_start = next((i for i, b in enumerate(blocks) if _trains(b)), len(blocks))
     llm_start = next((i for i, l in enumerate(layers) if _trains(l)), len(layers))
-    aligner = family.aligner(visual)
-    # the patch embedding and position embeddings: every child of the tower that is neither a block nor aligner
-    before_blocks = [m for m in visual.children()
-                     if m is not visual.blocks and not any(a is x for x in m.modules() for a in aligner)]
-    if any(_trains(m) for m in before_blocks):
-        return PrefixPlan("none", why="the patch embedding trains, so nothing in the vision tower is frozen")
-    if any(_trains(m) for m in aligner):
-        return PrefixPlan("none", why="the aligner trains (modules_to_save), so vision features change every step")
+    unfrozen = _vision_input_trains(visual, family)
+    if unfrozen:
+        return PrefixPlan("none", why=unfrozen)
     if vit_start == len(blocks) and not _trains(text.embed_tokens) and llm_start >= len(family.taps(visual)) \
             and not _has_dropout(blocks + layers[:llm_start]):
         return PrefixPlan("llm", llm_start=llm_start,
@@ -109,6 +104,19 @@ def plan_prefix(model, *, augmentation: str = "none", world_size: int = 1) -> Pr
     cached = "their output and deepstack taps are" if family.taps(visual) else "their output is"
     return PrefixPlan("vision", vit_start=vit_start,
                       why=f"vision blocks 0-{vit_start - 1} frozen: {cached} cached per image")
+
+
+def _vision_input_trains(visual, family) -> str | None:
+    """Why no vision block's output can be cached (the patch embedding or the aligner trains), or None."""
+    aligner = family.aligner(visual)
+    # the patch embedding and position embeddings: every child of the tower that is neither a block nor aligner
+    before_blocks = [m for m in visual.children()
+                     if m is not visual.blocks and not any(a is x for x in m.modules() for a in aligner)]
+    if any(_trains(m) for m in before_blocks):
+        return "the patch embedding trains, so nothing in the vision tower is frozen"
+    if any(_trains(m) for m in aligner):
+        return "the aligner trains (modules_to_save), so vision features change every step"
+    return None
 
 
 def plan_images(model) -> PrefixPlan:
@@ -125,13 +133,9 @@ def plan_images(model) -> PrefixPlan:
         return PrefixPlan("none", why=str(e))
     visual = core_model(model).model.visual
     blocks = list(visual.blocks)
-    aligner = family.aligner(visual)
-    before_blocks = [m for m in visual.children()
-                     if m is not visual.blocks and not any(a is x for x in m.modules() for a in aligner)]
-    if any(_trains(m) for m in before_blocks):
-        return PrefixPlan("none", why="the patch embedding trains")
-    if any(_trains(m) for m in aligner):
-        return PrefixPlan("none", why="the aligner trains")
+    unfrozen = _vision_input_trains(visual, family)
+    if unfrozen:
+        return PrefixPlan("none", why=unfrozen)
     vit_start = next((i for i, b in enumerate(blocks) if _trains(b)), len(blocks))
     if vit_start == 0:
         return PrefixPlan("none", why="the first vision block trains")
