@@ -88,11 +88,14 @@ def tower_of_parameter(name: str, towers: Towers) -> str:
     return tower_of_module(towers, name.removeprefix("base_model.model."))
 
 
+TOWER_LR = {"llm": "learning_rate", "vit": "vit_lr", "aligner": "aligner_lr"}  # tower -> its rate's parameter
+
+
 def optimizer_groups(model, towers: Towers, cfg: RunConfig) -> list[dict]:
     """ms-swift's multimodal grouping: decoder at learning_rate, vision at vit_lr, aligner at aligner_lr,
     each split into decay (matrices) and no-decay (biases, norms) groups. Every trainable parameter
     lands in exactly one group; anything else is an error."""
-    lrs = {"llm": cfg.learning_rate, "vit": cfg.vit_lr, "aligner": cfg.aligner_lr}
+    lrs = {tower: getattr(cfg, name) for tower, name in TOWER_LR.items()}
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -152,12 +155,26 @@ class StudyTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # (1 here: plan_prefix turns the fast path off for several)
         return loss
 
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """The Trainer's log with every tower's learning rate under its parameter name (learning_rate, vit_lr,
+        aligner_lr), for TensorBoard and every report_to integration. The Trainer's own `learning_rate` is the first
+        optimizer group's rate: the aligner's when it trains, vit_lr for a B variant."""
+        if "learning_rate" in logs and self.optimizer is not None:
+            logs = dict(logs)
+            logs.pop("learning_rate")
+            for group in self.optimizer.param_groups:
+                name = TOWER_LR.get(group.get("tower"))
+                if name is not None:
+                    logs[name] = group["lr"]
+        super().log(logs, *args, **kwargs)
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             groups = optimizer_groups(self.model, self.towers, self.run_cfg)
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             kwargs.pop("lr", None)
-            self.optimizer = cls([{k: v for k, v in g.items() if k not in ("names", "tower")} for g in groups],
+            # each group keeps its tower (torch keeps extra keys of a param group), so `log` can name its rate
+            self.optimizer = cls([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                  lr=self.args.learning_rate, **kwargs)
             trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
             grouped = [id(p) for g in self.optimizer.param_groups for p in g["params"]]

@@ -46,10 +46,19 @@ def test_train_notebook_with_papermill_writes_a_complete_run_folder(toy_ckpt, mi
     out = tmp_path / "out.ipynb"
     proc = subprocess.run(
         [sys.executable, "-m", "papermill", "train.ipynb", str(out), "-p", "params_file", str(params),
-         "-p", "llm_last", "2", "-p", "vit_last", "4", "-k", "lora_kit"],
+         "-p", "llm_last", "2", "-p", "vit_last", "4", "-p", "vit_lr", "0.004", "-k", "lora_kit"],
         cwd=NOTEBOOKS_DIR, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "C2"  # named after the study variant of 2 / 4
+    # TensorBoard has each tower's learning rate under its parameter name (the Trainer logged only the first
+    # optimizer group's, as `learning_rate`), at the schedule's value: cosine after 20% warmup of 4 steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = [EventAccumulator(str(f.parent)).Reload() for f in (run / "tb").rglob("events.out.tfevents.*")]
+    scalars = {tag: [e.value for e in acc.Scalars(tag)] for acc in events for tag in acc.Tags()["scalars"]}
+    assert len(scalars["train/learning_rate"]) == len(scalars["train/vit_lr"]) == 4
+    for llm, vit in zip(scalars["train/learning_rate"], scalars["train/vit_lr"]):
+        assert abs(vit - llm * 0.004 / 5e-3) < 1e-9  # the two groups follow one schedule at their own rates
+    assert abs(max(scalars["train/learning_rate"]) - 5e-3) < 1e-9 and "train/aligner_lr" not in scalars
     for name in ("params.json", "metrics.jsonl", "summary.json", "curves.png"):
         assert (run / name).is_file(), name
     assert (run / "tb").is_dir() and any((run / "samples").iterdir())
