@@ -52,18 +52,9 @@ def _papermill_safe(text: str) -> str:
 
 def help_line(name: str) -> str:
     """One parameter's help as the train notebook's parameters cell shows it (and `papermill --help-notebook`):
-    its whole first sentence, a sentence that continues the one before it ("... or below this") prefixed with
-    the parameter it continues, and its effective default (defaults.yaml, then the toy profile)."""
-    docs = field_docs()
-    names = [f.name for f in dataclasses.fields(RunConfig)]
-    doc = docs.get(name, "")
-    if doc.startswith("..."):  # a continuation: say what it continues, so the line reads on its own
-        i = names.index(name)
-        while i > 0 and docs.get(names[i - 1], "").startswith("..."):
-            i -= 1
-        lead = names[i - 1] if i > 0 else ""
-        doc = f"with {lead}: " + doc.lstrip(". ")
-    sentence = _first_sentence(doc)
+    its whole first sentence (each RunConfig description reads on its own: tests/test_config.py) and its
+    effective default (defaults.yaml, then the toy profile)."""
+    sentence = _first_sentence(field_docs().get(name, ""))
     return _papermill_safe(f"{sentence} [default {effective_defaults()[name]}]")
 
 
