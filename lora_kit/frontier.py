@@ -38,6 +38,7 @@ RUN_COLUMNS = [
     "best_checkpoint", "best_eval_loss", "feasible", "guardrail_probes", "first_moved", "wall_seconds",
     "eval_share", "steps", "run_dir", "setup", "setup_label"]
 _NOT_METRICS = ("step", "epoch", "eval_loss", "checkpoint", "eval_seconds")  # in the record, not guardrails
+LOSS_TOLERANCE = 0.02  # relative: two losses within 2% of each other are the same (hypothesis_verdicts)
 _TEXT_COLUMNS = ("variant", "model", "status", "stop_reason", "stop_probe", "best_checkpoint", "feasible",
                  "guardrail_probes", "first_moved", "run_dir", "caption_disagree_steps", "setup", "setup_label")
 
@@ -365,9 +366,15 @@ def _better(col: str) -> str:
 
 # ---------------------------------------------------------------- the other figures
 
-def plot_heatmaps(df: pd.DataFrame, metrics=None):
+def plot_heatmaps(df: pd.DataFrame, metrics=None, *, loss_tolerance: float = LOSS_TOLERANCE):
     """Each metric over llm_last x vit_last for the study runs (the most common settings; * = infeasible);
-    `metrics` defaults to eval loss and the table's heatmap metrics in every watched probe group."""
+    `metrics` defaults to eval loss and the table's heatmap metrics in every watched probe group.
+
+    Noise is shown as the verdicts judge it (hypothesis_verdicts): a cell marked ≈ is not distinguishable
+    from the best cell of its panel (rates: Wilson 95% intervals overlap; losses: within `loss_tolerance`,
+    relative, of the best, or overlapping seed intervals). A rate's colour bar spans 0 to 1; any other
+    metric's spans at least `loss_tolerance` of its best value, so differences within noise never take the
+    whole colour map."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -378,9 +385,11 @@ def plot_heatmaps(df: pd.DataFrame, metrics=None):
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 3.8), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         values = pd.to_numeric(data[m], errors="coerce") if m in data else pd.Series(np.nan, index=data.index)
+        near, best = near_best(data.assign(**{m: values}), m, loss_tolerance), _best_index(values, m)
         cells = data.assign(value=values, text=[
             ("" if not _finite(v) else f"{v:.0%}" if is_rate(m) else f"{v:.3f}") + ("" if f else "*")
-            for v, f in zip(values, data["feasible"])])
+            + ("\n≈best" if close and i != best else "")
+            for i, v, f, close in zip(values.index, values, data["feasible"], near)])
         grid = cells.pivot(index="llm_last", columns="vit_last", values="value") if len(cells) else pd.DataFrame()
         if grid.isna().all().all():
             ax.text(0.5, 0.5, f"no {m} values", ha="center", transform=ax.transAxes)
@@ -388,16 +397,51 @@ def plot_heatmaps(df: pd.DataFrame, metrics=None):
             continue
         text = cells.pivot(index="llm_last", columns="vit_last", values="text").reindex_like(grid).fillna("")
         # the "good" end of the colour map is the same colour whichever way the metric points
-        # a rate's colour bar spans its own range, 0 to 1, so that 0.97 against 1.00 is not painted as a gulf
-        limits = {"vmin": 0.0, "vmax": 1.0} if is_rate(m) else {}
-        sns.heatmap(grid.astype(float), annot=text.to_numpy(), fmt="", ax=ax,
-                    cmap="viridis" if direction(m) == "max" else "viridis_r", cbar=True, **limits)
+        sns.heatmap(grid.astype(float), annot=text.to_numpy(), fmt="", ax=ax, annot_kws={"fontsize": 8},
+                    cmap="viridis" if direction(m) == "max" else "viridis_r", cbar=True,
+                    **colour_limits(values, m, loss_tolerance))
         ax.invert_yaxis()
         ax.set_title(f"{title(m)}\n({_better(m)})", fontsize=9)
-    fig.suptitle("metrics over llm_last (rows) x vit_last (columns); * = no feasible checkpoint (last evaluation)",
-                 fontsize=10)
+    fig.suptitle("metrics over llm_last (rows) x vit_last (columns); * = no feasible checkpoint (last evaluation); "
+                 f"≈best = within noise of the panel's best (rates: Wilson 95% intervals overlap; losses: "
+                 f"within {loss_tolerance:.0%})", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _best_index(values: pd.Series, m: str):
+    finite = values[values.map(_finite)]
+    if finite.empty:
+        return None
+    return finite.idxmin() if (direction(m) or "min") == "min" else finite.idxmax()
+
+
+def near_best(data: pd.DataFrame, m: str, loss_tolerance: float = LOSS_TOLERANCE) -> pd.Series:
+    """Per row of `data`: True where metric `m` is not distinguishable from the best row's (the verdicts'
+    noise rule, _compare), the best row itself included; False where it differs or is not measured."""
+    values = pd.to_numeric(data[m], errors="coerce") if m in data else pd.Series(np.nan, index=data.index)
+    best = _best_index(values, m)
+    if best is None:
+        return pd.Series(False, index=data.index)
+    ref = data.loc[best]
+    return pd.Series([_compare(ref, row, m, direction(m) or "min", loss_tolerance) == "same"
+                      for _, row in data.iterrows()], index=data.index)
+
+
+def colour_limits(values: pd.Series, m: str, loss_tolerance: float = LOSS_TOLERANCE) -> dict:
+    """vmin/vmax for a heatmap of `values`: 0 to 1 for a rate; otherwise the values' range widened to at
+    least `loss_tolerance` x |best| (so that 0.232 against 0.235, within a 2% tolerance, is not painted as
+    the map's two ends); {} when nothing is finite."""
+    if is_rate(m):
+        return {"vmin": 0.0, "vmax": 1.0}
+    finite = values[values.map(_finite)].astype(float)
+    if finite.empty:
+        return {}
+    lo, hi = float(finite.min()), float(finite.max())
+    width = loss_tolerance * abs(lo if (direction(m) or "min") == "min" else hi)
+    if hi - lo >= width:
+        return {"vmin": lo, "vmax": hi}
+    return {"vmin": lo, "vmax": lo + width} if (direction(m) or "min") == "min" else {"vmin": hi - width, "vmax": hi}
 
 
 def _reference_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -573,7 +617,8 @@ STATEMENTS = {
 }
 
 
-def hypothesis_verdicts(df: pd.DataFrame, curves: dict | None = None, *, loss_tolerance: float = 0.02) -> list[dict]:
+def hypothesis_verdicts(df: pd.DataFrame, curves: dict | None = None, *,
+                        loss_tolerance: float = LOSS_TOLERANCE) -> list[dict]:
     """A verdict for each hypothesis of the plan, computed from the runs: supported / not supported / not
     enough data, with the numbers behind it.
 

@@ -369,3 +369,22 @@ def test_h4_reads_the_trajectory_after_the_first_guardrail_movement():
     curves["C3"] = (curves["C3"][0], {"first_bad_steps": {}})  # C3's guardrails never moved: it held
     v = verdicts(study, curves)["H4"]
     assert v["verdict"] == "not supported" and "C2 from step 50: 0.500->0.300" in v["evidence"]
+
+
+def test_heatmap_marks_differences_within_noise():
+    """The issue's case: general loss 0.232-0.235 (within the verdicts' 2% tolerance) is one colour band and
+    marked as noise; a rate whose Wilson interval overlaps the best's is marked, one apart is not."""
+    from lora_kit.frontier import colour_limits, near_best
+
+    losses = pd.Series([0.232, 0.235, 0.2345])
+    assert colour_limits(losses, "general_loss") == pytest.approx({"vmin": 0.232, "vmax": 0.232 * 1.02})
+    assert colour_limits(pd.Series([0.2, 0.5]), "general_loss") == {"vmin": 0.2, "vmax": 0.5}
+    assert colour_limits(pd.Series([0.97, 1.0]), "irrelevant_pass@general") == {"vmin": 0.0, "vmax": 1.0}
+    table = pd.DataFrame([row("A1", 2, 0, 0.232), row("C2", 2, 4, 0.235), row("C3", 2, 6, 0.30)])
+    assert near_best(table, "best_eval_loss").tolist() == [True, True, False]  # 0.235/0.232 - 1 = 1.3% < 2%
+    # n=200: 95% [0.910, 0.973] vs 90% [0.851, 0.934] overlap; 60% [0.531, 0.665] does not
+    rates = pd.DataFrame([row("A1", 2, 0, 0.5, irr=0.95), row("C2", 2, 4, 0.5, irr=0.90),
+                          row("C3", 2, 6, 0.5, irr=0.60)])
+    assert rates["irrelevant_pass@general_lo"].iloc[0] < rates["irrelevant_pass@general_hi"].iloc[1]
+    assert near_best(rates, "irrelevant_pass@general").tolist() == [True, True, False]
+    assert near_best(rates, "hallucination@general").tolist() == [True, True, True]  # all equal
