@@ -303,8 +303,15 @@ def _answered(sample: Sample, answer: str) -> Sample:
     return dataclasses.replace(sample, messages=[*messages, {"role": "assistant", "content": answer}])
 
 
+# The start model's log-probabilities are kept across evaluations only while they take at most this share of
+# the memory free when they are first computed (tokens x vocab x 4 bytes: ~0.25 GB for 400 answer tokens of a
+# 152k vocabulary); otherwise they are recomputed at every evaluation, with the same result.
+KL_BASE_CACHE_SHARE = 8
+
+
 @torch.no_grad()
-def kl_to_base(model, encoder: Encoder, es: "EvalSet", cfg, ranks=None) -> dict[str, dict]:
+def kl_to_base(model, encoder: Encoder, es: "EvalSet", cfg, ranks=None, *, prefix=None,
+               cache: bool = True) -> dict[str, dict]:
     """Forward KL(start || current) of next-token distributions on the benchmark's probe prompts, per probe group.
 
     Returns {probe: {"kl_base": nats per token, "kl_base_tokens": n}}; {} when `model` has no adapter to switch off
@@ -319,8 +326,16 @@ def kl_to_base(model, encoder: Encoder, es: "EvalSet", cfg, ranks=None) -> dict[
     are where the start model puts its mass, so KL(start || current) there estimates E_start[log p_start/p_cur]
     on the start model's own behaviour (the quantity RL's Razor relates to forgetting), the token set is the same
     at every evaluation (numbers compare along a run and across runs of one setup), and prompt positions
-    (system text, image placeholders) are never sampled by either model. Distributions in float32.
+    (system text, image placeholders) are never sampled by either model. Distributions in float32, logits only
+    at those positions.
+
+    With `cache` (the default) the answered prompts are encoded once per run, the start model's
+    log-probabilities [answer tokens, vocab] are computed once and kept on the CPU (es.kl_base_logprobs) while
+    they fit in 1/KL_BASE_CACHE_SHARE of the free memory, and `prefix` (the run's prefix.FrozenPrefix) computes
+    the current model's hidden states from its cache of the frozen layers. cache=False recomputes all of it.
     """
+    from .prefix import _available_bytes, core_model
+
     if not hasattr(model, "disable_adapter"):
         return {}
     if es.base_answers is None:
@@ -328,28 +343,54 @@ def kl_to_base(model, encoder: Encoder, es: "EvalSet", cfg, ranks=None) -> dict[
             gens = generate(model, encoder, es.bench, batch_size=cfg.per_device_eval_batch_size,
                             max_new_tokens=cfg.max_new_tokens, ranks=ranks)
         es.base_answers = [g.answer for g in gens]
-    encoded = [encoder.encode(_answered(s, a)) for s, a in zip(es.bench, es.base_answers)]
+    answered = lambda: [encoder.encode(_answered(s, a)) for s, a in zip(es.bench, es.base_answers)]  # noqa: E731
+    if cache and "kl" not in es._prompts:
+        es._prompts["kl"] = answered()
+    encoded = es._prompts["kl"] if cache else answered()
+    core = core_model(model)
+    tokens = sum(label != IGNORE_INDEX for e in encoded for label in e.labels)
+    keep_base = cache and es.kl_base_logprobs is None and (
+        tokens * core.lm_head.out_features * 4 <= _available_bytes() // KL_BASE_CACHE_SHARE)
+    cached_base = es.kl_base_logprobs if cache else None
+    new_base: list[torch.Tensor] = []
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     probes = [probe_of(s) for s in es.bench]
     pad, image = encoder.tokenizer.pad_token_id, encoder.image_token_id
+
+    def log_probs(batch, mask, rows, fast) -> torch.Tensor:  # [masked positions, vocab], row by row
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if not cache:  # the model's own forward (the path sharded weights need)
+            return model(**inputs, use_cache=False).logits[:, :-1][mask].float().log_softmax(-1)
+        hidden = (fast.last_hidden(batch, rows) if fast is not None
+                  else core.model(**inputs, use_cache=False).last_hidden_state)
+        return core.lm_head(hidden[:, :-1][mask]).float().log_softmax(-1)  # logits at the answer positions only
+
     was_training = model.training
     model.eval()
     try:
         for start in range(0, len(encoded), cfg.per_device_eval_batch_size):
             chunk = encoded[start:start + cfg.per_device_eval_batch_size]
             batch = to_device(collate_padded(chunk, pad, image), model)
-            mask = batch.pop("labels")[:, 1:] != IGNORE_INDEX
-            current = model(**batch, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-            with model.disable_adapter():
-                base = model(**batch, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-            per_token = (base.exp() * (base - current)).sum(-1) * mask  # [batch, seq - 1], nats
-            for row, (kl, n) in enumerate(zip(per_token.sum(-1).tolist(), mask.sum(-1).tolist())):
+            mask = batch["labels"][:, 1:] != IGNORE_INDEX
+            rows = [[e] for e in chunk]
+            current = log_probs(batch, mask, rows, prefix if cache else None)
+            if cached_base is not None:
+                base = torch.cat(cached_base[start:start + len(chunk)]).to(current.device)
+            else:
+                with model.disable_adapter():
+                    base = log_probs(batch, mask, rows, None)
+                if keep_base:
+                    new_base += [t.cpu() for t in base.split(mask.sum(-1).tolist())]
+            per_token = (base.exp() * (base - current)).sum(-1)  # [masked positions], nats
+            for row, (kl, n) in enumerate(zip(per_token.split(mask.sum(-1).tolist()), mask.sum(-1).tolist())):
                 probe = probes[start + row]
-                sums[probe] = sums.get(probe, 0.0) + kl
+                sums[probe] = sums.get(probe, 0.0) + float(kl.sum())
                 counts[probe] = counts.get(probe, 0) + int(n)
     finally:
         model.train(was_training)
+    if keep_base:
+        es.kl_base_logprobs = new_base
     return {p: {"kl_base": sums[p] / counts[p] if counts[p] else math.nan, "kl_base_tokens": counts[p]}
             for p in sorted(sums)}
 
@@ -370,6 +411,7 @@ class EvalSet:
     exact: list[Sample] = field(default_factory=list)  # validation samples whose generated answer is scored
     skipped_val: list[str] = field(default_factory=list)  # validation samples that could not be encoded
     base_answers: list[str] | None = None  # the start model's greedy benchmark answers (kl_to_base), once per run
+    kl_base_logprobs: list | None = None  # per benchmark row: the start model's [answer tokens, vocab] log-probs
     _prompts: dict = field(default_factory=dict, repr=False)
 
     def prompts(self, part: str, encoder: Encoder, samples: list[Sample], augments: list | None = None) -> list[Encoded]:
@@ -475,7 +517,8 @@ def guardrail_record(model, encoder: Encoder, es: EvalSet, cfg, *, step: int | N
     if es.exact:
         answers = timed("exact match", lambda: gen("exact", es.exact))
         record["task_exact_match"] = task_exact_match(es.exact, answers).as_dict()
-    for probe, kl in timed("kl", kl_to_base, model, encoder, es, cfg, ranks).items():
+    for probe, kl in timed("kl", lambda: kl_to_base(model, encoder, es, cfg, ranks, prefix=prefix,
+                                                    cache=cache)).items():
         record["probes"].setdefault(probe, {}).update(kl)
     captions = timed("captions", lambda: [g.answer for g in gen("captions", es.spotcheck)])
     record["crop"] = timed("crops", lambda: crop_consistency(model, encoder, es.crops, cfg, ranks, images,

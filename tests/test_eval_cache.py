@@ -68,10 +68,18 @@ def test_cached_evaluation_equals_the_straightforward_one(toy_ckpt, mini_world, 
         assert [g.answer for g in gens] == [g.answer for g in ref_gens]
         assert [g.n_tokens for g in gens] == [g.n_tokens for g in ref_gens]
         assert caps == ref_caps and got["crop"] == ref["crop"] and got["task_exact_match"] == ref["task_exact_match"]
+        # KL from the start model's kept log-probs and the frozen-prefix cache: the same within float error
+        kl, kl_ref = ({p: (v.pop("kl_base"), v["kl_base_tokens"]) for p, v in r["probes"].items() if "kl_base" in v}
+                      for r in (got, ref))
+        assert kl.keys() == kl_ref.keys() and kl
+        for p in kl:
+            assert kl[p][1] == kl_ref[p][1] and math.isclose(kl[p][0], kl_ref[p][0], rel_tol=0, abs_tol=1e-5), p
+            assert evaluation == 0 or kl_ref[p][0] > 1e-3  # after two perturbations the model is away from its base
         assert got["probes"] == ref["probes"]
         for key in LOSSES:
             assert math.isclose(got[key], ref[key], rel_tol=1e-5), (key, got[key], ref[key])
     assert images.hits > 0 and images.misses > 0  # the second evaluation's images came from the cache
+    assert es.kl_base_logprobs is not None  # the second evaluation read the start model's log-probs kept by the first
 
     # After training moved, the image features the cache gives are the tower's own (no stale entry): compared
     # directly, so that a stale cache fails here even where greedy answers would not show it.
