@@ -42,9 +42,13 @@ class PrefixPlan:
     llm_start: int | None = None   # llm: first decoder layer run at every step
     vit_start: int | None = None   # vision: first vision block run at every step (depth: the whole tower cached)
     why: str = ""
+    # vision: first decoder layer run for a batch without images (every layer before it frozen, the embeddings too;
+    # the decoder's depth when no layer trains: only the final norm and lm_head run); None: such batches run whole
+    text_start: int | None = None
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "llm_start": self.llm_start, "vit_start": self.vit_start, "why": self.why}
+        return {"mode": self.mode, "llm_start": self.llm_start, "vit_start": self.vit_start,
+                "text_start": self.text_start, "why": self.why}
 
 
 def core_model(model):
@@ -102,8 +106,13 @@ def plan_prefix(model, *, augmentation: str = "none", world_size: int = 1) -> Pr
     if _has_dropout(blocks[:vit_start]):
         return PrefixPlan("none", why="dropout inside the frozen vision blocks makes their output random")
     cached = "their output and deepstack taps are" if family.taps(visual) else "their output is"
-    return PrefixPlan("vision", vit_start=vit_start,
-                      why=f"vision blocks 0-{vit_start - 1} frozen: {cached} cached per image")
+    # A text-only sample never meets the vision tower (nor the deepstack taps, which add to image tokens only), so
+    # its hidden state entering the first trained decoder layer is as fixed as in llm mode.
+    text_start = (llm_start if llm_start > 0 and not _trains(text.embed_tokens)
+                  and not _has_dropout(layers[:llm_start]) else None)
+    return PrefixPlan("vision", vit_start=vit_start, text_start=text_start,
+                      why=f"vision blocks 0-{vit_start - 1} frozen: {cached} cached per image"
+                          + (f"; text-only samples: decoder layers 0-{text_start - 1} cached" if text_start else ""))
 
 
 def _vision_input_trains(visual, family) -> str | None:
@@ -244,7 +253,9 @@ class FrozenPrefix:
         """The decoder's final (normed) hidden states of the batch, through the cheapest exact route."""
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "use_cache")}
         if self.plan.mode == "llm":
-            return self._llm_route(inputs, rows)
+            return self._llm_route(inputs, rows, self.plan.llm_start)
+        if self.plan.mode == "vision" and inputs.get("pixel_values") is None and self.plan.text_start is not None:
+            return self._llm_route(inputs, rows, self.plan.text_start)
         if self.plan.mode == "vision" and inputs.get("pixel_values") is not None:
             images = self._vision_outputs(inputs, rows)
             inputs.pop("pixel_values")
@@ -275,8 +286,8 @@ class FrozenPrefix:
 
     # ---- llm: hidden states entering decoder layer llm_start, per sample
 
-    def _llm_route(self, inputs: dict, rows: list[list[Encoded]]) -> torch.Tensor:
-        found = iter(self._lookup([e for row in rows for e in row], self._llm_prefix))
+    def _llm_route(self, inputs: dict, rows: list[list[Encoded]], start: int) -> torch.Tensor:
+        found = iter(self._lookup([e for row in rows for e in row], lambda samples: self._llm_prefix(samples, start)))
         entries = [[next(found) for _ in row] for row in rows]
         width = inputs["input_ids"].shape[1]
         hidden0, _ = entries[0][0]
@@ -292,13 +303,12 @@ class FrozenPrefix:
         # from the cache (what get_rope_index gives a right-padded batch, without recomputing it per step)
         position_ids = inputs.get("position_ids")
         return decoder_suffix(self.inner.language_model, hidden, positions if position_ids is None else position_ids,
-                              inputs.get("attention_mask"), self.plan.llm_start)
+                              inputs.get("attention_mask"), start)
 
     @torch.no_grad()
-    def _llm_prefix(self, samples: list[Encoded]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per sample: (hidden states entering decoder layer llm_start, its 3-D rope positions)."""
+    def _llm_prefix(self, samples: list[Encoded], start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sample: (hidden states entering decoder layer `start`, its 3-D rope positions)."""
         text = self.inner.language_model
-        start = self.plan.llm_start
         target = text.layers[start] if start < len(text.layers) else text.norm
         # right padding: real tokens never attend to the pads, so the pad id does not matter
         batch = collate_padded(samples, pad_id=0, image_token_id=self.inner.config.image_token_id)

@@ -40,22 +40,23 @@ def encoded(toy_ckpt, mini_world):
     return [encoder.encode(s) for s in samples[:6]]
 
 
-@pytest.mark.parametrize("llm_last, vit_last, mode, llm_start, vit_start", [
-    (2, 0, "llm", LAYERS - 2, None),             # A1: everything before decoder layer 6 is cached
-    (0, 6, "vision", None, BLOCKS - 6),          # B3: vision blocks 0-5 (all deepstack taps) cached
-    (2, 4, "vision", None, BLOCKS - 4),          # C2
-    (6, 0, "vision", None, BLOCKS),              # decoder LoRA reaches the deepstack layers: vision output only
+@pytest.mark.parametrize("llm_last, vit_last, mode, llm_start, vit_start, text_start", [
+    (2, 0, "llm", LAYERS - 2, None, None),             # A1: everything before decoder layer 6 is cached
+    (0, 6, "vision", None, BLOCKS - 6, LAYERS),        # B3: vision blocks 0-5 (all deepstack taps) cached; text whole
+    (2, 4, "vision", None, BLOCKS - 4, LAYERS - 2),    # C2: text-only samples' layers 0-5 too
+    (6, 0, "vision", None, BLOCKS, LAYERS - 6),        # decoder LoRA reaches the deepstack layers: vision output only
+    (8, 4, "vision", None, BLOCKS - 4, None),          # every decoder layer trains: nothing of the text to cache
 ])
-def test_plan_follows_what_trains(toy_ckpt, llm_last, vit_last, mode, llm_start, vit_start):
+def test_plan_follows_what_trains(toy_ckpt, llm_last, vit_last, mode, llm_start, vit_start, text_start):
     model, _ = lora_model(toy_ckpt, llm_last, vit_last)
     plan = plan_prefix(model)
-    assert (plan.mode, plan.llm_start, plan.vit_start) == (mode, llm_start, vit_start)
+    assert (plan.mode, plan.llm_start, plan.vit_start, plan.text_start) == (mode, llm_start, vit_start, text_start)
     assert plan_prefix(model, augmentation="crop_jitter").mode == "none"  # new pixels every step
     assert plan_prefix(model, world_size=2).mode == "none"
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
 def _check_fast_path(model, prefix, collate, encoded) -> None:
@@ -73,6 +74,7 @@ def _check_fast_path(model, prefix, collate, encoded) -> None:
         fast = prefix.loss(batch, rows)
         fast.backward()
         assert float(fast.detach()) == pytest.approx(float(plain.detach()), rel=1e-5, abs=1e-6)
+        assert _grads(model).keys() == plain_grads.keys() and plain_grads  # (a text-only batch: no vision grads)
         for name, g in _grads(model).items():
             torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
         with torch.no_grad():
@@ -90,6 +92,36 @@ def test_fast_loss_and_gradients_equal_the_models_own(toy_ckpt, encoded, llm_las
     assert prefix.plan.mode != "none"
     _check_fast_path(model, prefix, collate, encoded)
     assert prefix.hits == 2 and prefix.misses == 6  # samples 2 and 3 came from the cache
+
+
+@pytest.fixture(scope="module")
+def text_only(toy_ckpt, mini_world):
+    from transformers import AutoProcessor
+
+    samples, _ = read_jsonl(mini_world / "general_eval.jsonl")
+    encoder = Encoder(AutoProcessor.from_pretrained(toy_ckpt), 256)
+    out = [encoder.encode(s) for s in samples[:6]]
+    assert all(e.pixel_values is None for e in out)  # the general slice is text: what this route is for
+    return out
+
+
+@pytest.mark.parametrize("llm_last, vit_last", [(2, 4), (0, 6)])
+@pytest.mark.parametrize("packing", [True, False])
+def test_text_only_batches_in_vision_mode_equal_the_models_own(toy_ckpt, text_only, llm_last, vit_last, packing):
+    """B and C variants: a batch without images runs only the trained decoder layers (none for B) from the
+    cache of the frozen ones, with the model's own loss and gradients."""
+    model, processor = lora_model(toy_ckpt, llm_last, vit_last)
+    collate = Collator(processor, model, packing, 256, rows=True)
+    prefix = FrozenPrefix(model, plan_prefix(model))
+    assert prefix.plan.mode == "vision" and prefix.plan.text_start == LAYERS - llm_last
+    if llm_last:
+        _check_fast_path(model, prefix, collate, text_only)
+    else:  # no decoder layer trains: the loss is fixed, and has no gradient
+        batch = collate(text_only[:4])
+        rows = batch.pop("rows")
+        with torch.no_grad():
+            assert float(prefix.loss(batch, rows)) == pytest.approx(float(model(**batch).loss), rel=1e-5)
+    assert prefix.misses == (6 if llm_last else 4) and prefix.hits == (2 if llm_last else 0)
 
 
 def test_evaluation_loss_from_the_cache_equals_the_plain_one(toy_ckpt, encoded):
