@@ -61,8 +61,10 @@ def variant_file(name: str, params_dir: Path | None = None) -> Path:
     path = params_dir / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in params_dir.glob("*.yaml") if p.stem != "defaults")
-        raise ConfigError(f"variant {name!r}: no {path}; known variants: {', '.join(known) or '(none)'}. Fix: a "
-                          f"known name, or write {path} (e.g. a copy of another variant's file).")
+        from .config import _display
+
+        raise ConfigError(f"variant {name!r}: no {_display(path)}; known variants: {', '.join(known) or '(none)'}. "
+                          f"Fix: a known name, or write {_display(path)} (e.g. a copy of another variant's file).")
     return path
 
 
