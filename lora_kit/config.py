@@ -243,8 +243,10 @@ class RunConfig:
 
     # ---- output and runtime ----
     output_dir: str | None = None
-    """Folder holding one run folder per variant. null: <outputs>/runs, where <outputs> is the repo's
-    outputs/ (or $LORA_KIT_OUTPUTS). A relative path is relative to the current folder."""
+    """Folder holding one run folder per variant. null: <outputs>/runs, where <outputs> is
+    $LORA_KIT_OUTPUTS when set, else the outputs/ of the study folder in use (the clone, or a folder
+    written by `python -m lora_kit init`, found from the current folder up), else ./outputs. A
+    relative path is relative to the current folder."""
     overwrite: bool = False
     """Replace an existing run folder of the same variant (a finished run, or an unfinished one that
     would otherwise be resumed) instead of refusing to start or resuming it."""
@@ -447,7 +449,8 @@ _DEFAULTS_HEADER = """\
 # Change a value:     python -m lora_kit train -f params/C2.yaml --set learning_rate=2e-4
 # Merge order: this file -> params/profiles/<profile>.yaml -> each -f file -> --set.
 # Generated from RunConfig in lora_kit/config.py: edit the defaults there, then run
-#   python -m lora_kit.config > params/defaults.yaml"""
+#   python -m lora_kit.config > params/defaults.yaml
+# In a study folder written by `python -m lora_kit init`, this copy is the study's own, merged first there."""
 
 # First field of each section -> its title.
 _SECTIONS = {
