@@ -79,7 +79,9 @@ def init_report(folder: Path, written: list[Path]) -> str:
     lines = [f"wrote a study folder at {folder.absolute()}:"]
     lines += [f"  {rel.as_posix()}" for rel in written]
     kernel = _kernel_hint()
-    lines += ["", "next:", f"  cd {folder}"]
+    lines += ["", "next:"]
+    if folder.absolute() != Path.cwd():
+        lines.append(f"  cd {folder}")
     if kernel:
         lines += [f"  {kernel}   # once: the Jupyter kernel papermill runs the notebooks in"]
     lines += ["  python -m lora_kit targets --llm-last 2 --vit-last 4     # what C2 instruments (the toy's layers)",
