@@ -139,6 +139,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from .studyfolder import init_report, init_study
+
+    print(init_report(Path(args.dir), init_study(args.dir, force=args.force)))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -150,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m lora_kit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a new study folder (params/, notebooks/) for an installed kit; "
+                                    "commands run in it read its params/ and write its outputs/")
+    p.add_argument("dir", metavar="DIR", help="the folder to create (new or empty)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty DIR: files of the same names "
+                                                        "(params/*.yaml, notebooks/*.ipynb) are replaced")
+    p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("targets", help="which modules a variant instruments, as a table, JSON or ms-swift arguments")
     p.add_argument("--model", default="toy", help="checkpoint folder (config.json alone is enough), or 'toy'")

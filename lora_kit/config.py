@@ -31,7 +31,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from lora_kit.errors import ConfigError
-from lora_kit.paths import PARAMS_DIR
+from lora_kit import paths
 # Embedded models: the toy (Qwen3-VL) and the same toy built as another family; any other `model` is a folder.
 TOY_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "qwen2_vl")  # config.json model_type of each family the toy builds
 TOY_MODELS = ("toy", "toy-stage2") + tuple(f"toy-{family}{stage}" for family in TOY_FAMILIES[1:]
@@ -243,8 +243,10 @@ class RunConfig:
 
     # ---- output and runtime ----
     output_dir: str | None = None
-    """Folder holding one run folder per variant. null: <outputs>/runs, where <outputs> is the repo's
-    outputs/ (or $LORA_KIT_OUTPUTS). A relative path is relative to the current folder."""
+    """Folder holding one run folder per variant. null: <outputs>/runs, where <outputs> is
+    $LORA_KIT_OUTPUTS when set, else the outputs/ of the study folder in use (the clone, or a folder
+    written by `python -m lora_kit init`, found from the current folder up), else ./outputs. A
+    relative path is relative to the current folder."""
     overwrite: bool = False
     """Replace an existing run folder of the same variant (a finished run, or an unfinished one that
     would otherwise be resumed) instead of refusing to start or resuming it."""
@@ -331,22 +333,27 @@ def load_config(
     files: Sequence[str | Path] = (),
     overrides: Mapping[str, Any] | None = None,
     *,
-    params_dir: str | Path = PARAMS_DIR,
+    params_dir: str | Path | None = None,
     overrides_source: str = "override",
 ) -> RunConfig:
     """Merge defaults.yaml → profile → each file in order → overrides, validate, and freeze.
 
+    defaults.yaml and profiles/<profile>.yaml are read from `params_dir`; None (the default) means
+    `lora_kit.paths.params_dir()`: the params/ of the study folder in use (the nearest folder from the
+    current one up holding params/defaults.yaml: the clone, or one written by `python -m lora_kit init`),
+    else the kit's own files (the clone's params/, or the copy inside an installed package).
+    Relative `files` start at the current folder.
     The profile is the last `profile` set by overrides or files (default `toy`; `none` = no
     profile). `overrides_source` names the overrides in error messages (the CLI passes "--set").
     A None `variant` is replaced by `derive_variant(llm_last, vit_last)`.
-    Raises ConfigError listing every problem.
+    Raises ConfigError listing every problem, each with the file looked for and the fix.
     """
     if isinstance(files, (str, Path)):
         files = [files]
-    params_dir = Path(params_dir)
+    params_dir = Path(params_dir) if params_dir is not None else paths.params_dir()
     problems: list[_Problem] = []
 
-    defaults = _read_layer(params_dir / "defaults.yaml", problems)
+    defaults = _read_layer(params_dir / "defaults.yaml", problems, missing_fix=_defaults_fix(params_dir))
     file_layers = [_read_layer(Path(f), problems, params_dir) for f in files]
     if overrides is None:
         overrides = {}
@@ -442,7 +449,8 @@ _DEFAULTS_HEADER = """\
 # Change a value:     python -m lora_kit train -f params/C2.yaml --set learning_rate=2e-4
 # Merge order: this file -> params/profiles/<profile>.yaml -> each -f file -> --set.
 # Generated from RunConfig in lora_kit/config.py: edit the defaults there, then run
-#   python -m lora_kit.config > params/defaults.yaml"""
+#   python -m lora_kit.config > params/defaults.yaml
+# In a study folder written by `python -m lora_kit init`, this copy is the study's own, merged first there."""
 
 # First field of each section -> its title.
 _SECTIONS = {
@@ -527,17 +535,37 @@ class _Layer:
         return f"{self.source}:{line}" if line else self.source
 
 
-def _read_layer(path: Path, problems: list[_Problem], params_dir: Path | None = None) -> _Layer:
+def _defaults_fix(params_dir: Path) -> str:
+    """How to get the defaults.yaml that `params_dir` lacks."""
+    if params_dir == paths.PARAMS_DIR:  # the kit's own copy is missing: a broken installation
+        return ("the kit's installation lacks its parameter files: reinstall lora_kit (`pip install .` or "
+                "`pip install -e .` from its clone)")
+    return (f"write it with `python -m lora_kit.config > {_display(params_dir / 'defaults.yaml')}`, "
+            "or start a study folder with `python -m lora_kit init DIR`")
+
+
+def _missing_file_fix(path: Path, params_dir: Path | None) -> str:
+    """The fix for a params file that does not exist: the same name in the params folder in use, if there."""
+    fix = "check the path (relative paths start at the current folder)"
+    if params_dir is None or not (params_dir / f"{path.stem}.yaml").is_file() \
+            or path.absolute() == (params_dir / f"{path.stem}.yaml").absolute():
+        return fix
+    if paths.study_root() is None:  # an installed kit run outside any study folder: its own files
+        return (f"no study folder here ({_display(Path.cwd())} and the folders above it hold no "
+                f"params/defaults.yaml): start one with `python -m lora_kit init DIR` and run from DIR, "
+                f"or pass the kit's own {_display(params_dir / f'{path.stem}.yaml')}")
+    return f"did you mean {_display(params_dir / f'{path.stem}.yaml')}?"
+
+
+def _read_layer(path: Path, problems: list[_Problem], params_dir: Path | None = None,
+                missing_fix: str | None = None) -> _Layer:
     """Read one YAML parameter file; its problems go to `problems` and it then counts as empty."""
     shown = _display(path)
     empty = _Layer(shown, {}, {})
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        fix = "check the path (relative paths start at the current folder)"
-        if params_dir is not None and (params_dir / f"{path.stem}.yaml").is_file() \
-                and path != params_dir / f"{path.stem}.yaml":
-            fix = f"did you mean {_display(params_dir / f'{path.stem}.yaml')}?"
+        fix = missing_fix or _missing_file_fix(path, params_dir)
         problems.append(_Problem("file not found", "an existing YAML file", fix, where=shown))
         return empty
     except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -599,9 +627,13 @@ def _profile_layer(layers: list[_Layer], params_dir: Path, problems: list[_Probl
     path = params_dir / "profiles" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (params_dir / "profiles").glob("*.yaml"))
+        fix = f"use one of: none, {', '.join(known) or '(no profile files found)'}"
+        kit_own = paths.PARAMS_DIR / "profiles" / f"{name}.yaml"
+        if kit_own.is_file() and kit_own.absolute() != path.absolute():
+            fix += f"; or copy the kit's own {_display(kit_own)} there"
         problems.append(_Problem(
-            f"profile = {_show(name)}", f"none or a file in {_display(params_dir / 'profiles')}",
-            f"use one of: none, {', '.join(known) or '(no profile files found)'}", where=where))
+            f"profile = {_show(name)}", f"none or a file in {_display(params_dir / 'profiles')}", fix,
+            where=where))
         return None
     return _read_layer(path, problems)
 

@@ -11,7 +11,7 @@ import sys
 import time
 
 from .config import STUDY_PRIORITY
-from .paths import NOTEBOOKS_DIR, outputs_dir, runs_dir
+from .paths import child_env, notebook_cwd, notebooks_dir, outputs_dir, runs_dir
 
 
 def run_demo(variants: tuple[str, ...] = STUDY_PRIORITY, jobs: int = 1) -> int:
@@ -33,9 +33,11 @@ def run_demo(variants: tuple[str, ...] = STUDY_PRIORITY, jobs: int = 1) -> int:
     print("== 3/3 summary.ipynb ==", flush=True)
     out = outputs_dir() / "summary"
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS_DIR / "summary.ipynb"),
+    notebook = notebooks_dir() / "summary.ipynb"  # the study folder's, else the kit's own
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(notebook),
                            str(out / "summary.ipynb"), "-p", "runs_root", str(runs_dir(None)),
-                           "-p", "out_dir", str(out), "-k", "lora_kit", "--cwd", str(NOTEBOOKS_DIR)])
+                           "-p", "out_dir", str(out), "-k", "lora_kit", "--cwd", str(notebook_cwd(notebook))],
+                          env=child_env())
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min; summary in {out}", flush=True)
     failed = [v for v, s in statuses.items() if s not in ("completed", "stopped_early")]
     if failed:

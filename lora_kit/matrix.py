@@ -31,7 +31,8 @@ from pathlib import Path
 
 from .config import STUDY_PRIORITY, STUDY_VARIANTS, parse_set
 from .errors import ConfigError
-from .paths import NOTEBOOKS_DIR, PARAMS_DIR, runs_dir
+from . import paths
+from .paths import runs_dir
 from .rundir import RunFolder, write_json_atomic
 
 FINISHED = ("completed", "stopped_early")
@@ -54,16 +55,21 @@ class Job:
         return [*self.files, self.params_file]
 
 
-def variant_file(name: str, params_dir: Path = PARAMS_DIR) -> Path:
+def variant_file(name: str, params_dir: Path | None = None) -> Path:
+    """params_dir/<name>.yaml; params_dir None: the params/ of the study folder in use (`paths.params_dir`)."""
+    params_dir = paths.params_dir() if params_dir is None else Path(params_dir)
     path = params_dir / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in params_dir.glob("*.yaml") if p.stem != "defaults")
-        raise ConfigError(f"variant {name!r}: no params/{name}.yaml; known variants: {', '.join(known)}.")
+        from .config import _display
+
+        raise ConfigError(f"variant {name!r}: no {_display(path)}; known variants: {', '.join(known) or '(none)'}. "
+                          f"Fix: a known name, or write {_display(path)} (e.g. a copy of another variant's file).")
     return path
 
 
 def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str] = (),
-              overrides: dict | None = None, params_dir: Path = PARAMS_DIR, seeds: int = 1,
+              overrides: dict | None = None, params_dir: Path | None = None, seeds: int = 1,
               files: list[str | Path] = ()) -> list[Job]:
     """The jobs in run order: A0 first (the others' guardrail baseline), then the rest as given.
 
@@ -76,6 +82,7 @@ def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str
     """
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: expected a number of seeds >= 1. Fix: e.g. --seeds 3.")
+    params_dir = paths.params_dir() if params_dir is None else Path(params_dir)
     names = list(STUDY_VARIANTS) if all_variants else (variants or list(STUDY_PRIORITY))
     if BASELINE not in names and (params_dir / f"{BASELINE}.yaml").exists():
         names = [BASELINE, *names]
@@ -151,12 +158,14 @@ def run_job(job: Job, runs_root: Path, *, slot: int = 0, pin_gpu: bool = True, p
     """
     folder = runs_root / job.variant
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "papermill", str(NOTEBOOKS_DIR / "train.ipynb"), str(folder / "train.ipynb"),
-           "-p", "output_dir", str(runs_root), "--cwd", str(NOTEBOOKS_DIR), "--no-progress-bar", "-k", "lora_kit"]
+    notebook = paths.notebooks_dir() / "train.ipynb"  # the study folder's, else the kit's own
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(folder / "train.ipynb"),
+           "-p", "output_dir", str(runs_root), "--cwd", str(paths.notebook_cwd(notebook)), "--no-progress-bar",
+           "-k", "lora_kit"]
     files = [str(f) for f in job.params_files]
     injected = {**job.overrides, "params_file": files if len(files) > 1 else files[0]}
     cmd += ["-y", json.dumps(injected)]  # lists and strings need YAML, not -p (papermill's -p only converts numbers)
-    env = dict(os.environ)
+    env = paths.child_env()  # the kernel writes to this process's outputs folder (the toy's cache among them)
     gpus = _gpus() if pin_gpu else 0
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)

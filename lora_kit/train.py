@@ -30,7 +30,7 @@ from .errors import ConfigError, LoraKitError
 from .evaluate import EvalSet, guardrail_record, image_cache, samples_record, to_device
 from .inputs import data_files, resolve_inputs  # noqa: F401  (data_files: callers import it from here)
 from .metrics import METRICS, probe_metrics
-from .paths import REPO_ROOT, runs_dir
+from .paths import IS_CLONE, REPO_ROOT, runs_dir
 from .prefix import FrozenPrefix, plan_prefix
 from .rundir import RunFolder
 from .setups import describe_setup
@@ -380,7 +380,12 @@ class GuardrailCallback(TrainerCallback):
 # ---------------------------------------------------------------- the run
 
 def code_version() -> dict:
-    """The git commit and dirty flag of the kit's code, for params.json."""
+    """The git commit and dirty flag of the kit's code, for params.json. An installed package has no commit of its
+    own (None, dirty False; its version says which it is): git is asked only when the package is used from its
+    clone, since the folder holding an installed package may sit inside some other repository."""
+    if not IS_CLONE:
+        return {"lora_kit": __version__, "commit": None, "dirty": False, "diff_sha256": None}
+
     def git(*args):
         try:
             return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
