@@ -287,11 +287,13 @@ def test_h3_from_a_follow_up_sweep(lr_losses, expected, told):
     # the anchor is C2 (at the learning rates all study footprints share); its one-tower neighbours there are
     # A1 (2, 0), B2 (0, 4), C1 (2, 2) and C3 (2, 6); A2 (4, 0) and B3 (0, 6) differ in both towers
     assert "Around C2: 2 modest learning-rate changes (C2->C2_lr0.5x, C2->C2_lr2x)" in v["evidence"]
-    assert "4 one-tower target-count changes at the same learning rates (C2->A1, C2->B2, C2->C1, C2->C3)" in v["evidence"]
+    assert ("4 one-tower target-count changes at the same learning rates (C2->A1, C2->B2, C2->C1, C2->C3)"
+            in v["evidence"])
     lr_move = max(abs(x - 0.45) for x in lr_losses)
     assert f"best_eval_loss moves 0.25 by count (C2 0.450 -> B2 0.700) vs {lr_move:.3g} by LR" in v["evidence"]
     # generality with n and intervals: C3's irrelevant pass 60% of 200 against C2's 95%, beyond noise
-    assert "irrelevant_pass@general moves 0.35 by count (C2 95% [" in v["evidence"] and "n=200 -> C3 60% [" in v["evidence"]
+    assert "irrelevant_pass@general moves 0.35 by count (C2 95% [" in v["evidence"]
+    assert "n=200 -> C3 60% [" in v["evidence"]
 
 
 def test_h3_lr_dominating_generality_and_noise():
