@@ -183,9 +183,11 @@ def _around(w, c: dict, done: pd.DataFrame) -> list:
          f"learning_rate {c['learning_rate']:g}, vit_lr {c['vit_lr']:g})"
     out: list = []
 
+    staged = list(c.get("stages") or [])  # a progressive winner: its variants keep its stages
+
     def variant(suffix: str, why: str, **changes) -> Variant:
         v = f"{name}_{suffix}"
-        return Variant(v, name, {**base, **changes, "variant": v}, f"{at}: {why}")
+        return Variant(v, name, {**base, **changes, "variant": v}, f"{at}: {why}", staged or None)
 
     for r in RANKS:
         if r != c["lora_rank"]:
@@ -197,8 +199,9 @@ def _around(w, c: dict, done: pd.DataFrame) -> list:
         changes = {k: float(c[k]) * f for k in towers}
         out.append(variant(f"lr{f:g}x", " and ".join(f"{k} x{f:g}: {c[k]:g} -> {v:g}" for k, v in changes.items())
                            + " (a modest learning-rate change for H3; the untrained tower's rate is left)", **changes))
-    if regex:
-        out.append(f"{name}: no llm_last-1 or progressive variant (it targets modules by target_regex, not by counts)")
+    if regex or staged:
+        out.append(f"{name}: no llm_last-1 or progressive variant ("
+                   + ("it targets modules by target_regex, not by counts)" if regex else "it is a progressive run)"))
         return out
     if llm > 1:
         out.append(variant("llm_last1", f"llm_last {llm} -> 1 (the plan's LLM last-1: does the last decoder layer "

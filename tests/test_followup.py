@@ -177,3 +177,23 @@ def test_next_on_the_cli_and_h3_after_the_sweep(summary, capsys):
     # no generality metric moved beyond noise (n = 40): task fit alone decides
     assert h3["verdict"] == "supported" and h3["evidence"].endswith("So: count dominates task fit."), h3
     assert pd.read_csv(summary / "summary" / "study.csv")["derived_from"].isna().all()  # the study's own runs
+
+
+def test_a_progressive_winner_keeps_its_stages_and_gets_no_ladder_of_its_own(tmp_path):
+    from lora_kit.followup import plan_next
+
+    stages = [{"vit_last": 2, "max_steps": 40}, {"vit_last": 4, "max_steps": 40}]
+    d = run(tmp_path / "runs", "C2_progressive", 2, 2, 0.4)
+    params = json.loads((d / "params.json").read_text())
+    params["config"]["stages"] = stages
+    (d / "params.json").write_text(json.dumps(params))
+    front = pd.DataFrame([{"variant": "C2_progressive", "trained": True, "best_step": 50, "run_dir": str(d),
+                           "setup": "s"}])
+    study = pd.DataFrame([{"variant": "C2_progressive", "status": "completed", "setup": "s", "llm_last": 2,
+                           "vit_last": 2, "lora_rank": 16, "learning_rate": 1e-3, "vit_lr": 3e-3,
+                           "stages": json.dumps(stages)}])
+    variants, skipped = plan_next(front, study)
+    assert [v.name for v in variants] == ["C2_progressive_r8", "C2_progressive_r32", "C2_progressive_lr0.5x",
+                                          "C2_progressive_lr2x"]
+    assert all(v.stages == stages for v in variants)
+    assert skipped == ["C2_progressive: no llm_last-1 or progressive variant (it is a progressive run)"]
