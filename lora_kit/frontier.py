@@ -753,11 +753,13 @@ def _h3(done: pd.DataFrame, tol: float) -> dict:
 
     An anchor is such a footprint's run at the learning rates (learning_rate, vit_lr) most footprints were trained
     at; its LR changes are its footprint's runs at learning rates within MODEST_LR of its own, its count changes
-    the runs at its learning rates whose footprint differs in one tower (same model and rank). Per metric, the
-    larger move (a rate's change, a loss's difference) wins when either side moved beyond noise (_compare).
-    Task fit (eval loss, task exact match) and generality (general loss, irrelevant pass, hallucination) each go
-    to the side that wins more of their metrics (a tie: count does not dominate). Supported when count wins every
-    family that moved; not supported when LR wins one; not tested without any modest LR change.
+    the runs at its learning rates whose footprint differs in one tower (same model and rank). Per metric, when
+    either side moved beyond noise (_compare), the larger move (a rate's change, a loss's difference) wins if it
+    exceeds the other by more than the noise (half the anchor's interval, or loss_tolerance of its loss); else the
+    two are comparable. Task fit (eval loss, task exact match) and generality (general loss, irrelevant pass,
+    hallucination) each go to the side that wins more of their moved metrics than the other side and the
+    comparable ones together, else to neither. Supported when count takes every family that moved; not supported
+    otherwise; not tested without any modest LR change.
     """
     trained = _trained(done)
     trained = trained[_measured(trained, "best_eval_loss")]
@@ -802,7 +804,7 @@ def _h3(done: pd.DataFrame, tol: float) -> dict:
                 "generality": list(generality(done))}
     found, winners = [], {}
     for family, metrics in families.items():
-        tally = {"count": 0, "LR": 0}
+        tally = {"count": 0, "LR": 0, "comparable": 0}
         for m in metrics:
             d = direction(m) or "min"
             moves = {side: [(abs(float(b[m]) - float(a[m])), _compare(a, b, m, d, tol), a, b) for a, b in pairs
@@ -812,22 +814,35 @@ def _h3(done: pd.DataFrame, tol: float) -> dict:
                 continue
             top = {side: max(ms, key=lambda x: x[0]) for side, ms in moves.items()}
             moved = any(c in ("worse", "better") for ms in moves.values() for _, c, _, _ in ms)
-            side = None if not moved else "count" if top["count"][0] > top["LR"][0] else "LR"
+            gap = top["count"][0] - top["LR"][0]
+            side = (None if not moved else "comparable" if abs(gap) <= _noise(top["count"][2], m, tol)
+                    else "count" if gap > 0 else "LR")
             if side:
                 tally[side] += 1
             found.append(f"{m} moves {top['count'][0]:.3g} by count ({_move(top['count'], m)}) vs "
                          f"{top['LR'][0]:.3g} by LR ({_move(top['LR'], m)}): "
-                         + (f"{side} larger" if side else "within noise"))
-        if tally["count"] + tally["LR"]:
-            winners[family] = "count" if tally["count"] > tally["LR"] else "LR"
+                         + ("within noise" if not side else "comparable" if side == "comparable" else f"{side} larger"))
+        if sum(tally.values()):
+            others = lambda side: sum(v for k, v in tally.items() if k != side)  # noqa: E731
+            winners[family] = next((side for side in ("count", "LR") if tally[side] > others(side)), None)
     evidence = head + " " + "; ".join(found) + "."
     if not winners:
         return _verdict("not enough data", evidence + f" Nothing moved beyond noise (Wilson 95% intervals overlap, "
                         f"losses within {tol:.0%}); a larger benchmark (eval_max_samples) would be needed.")
-    told = ", ".join(f"{side} dominates {family}" for family, side in winners.items())
-    if "LR" in winners.values():
+    told = ", ".join(f"{side} dominates {family}" if side else f"count and LR move {family} comparably"
+                     for family, side in winners.items())
+    if any(side != "count" for side in winners.values()):
         return _verdict("not supported", evidence + f" So: {told}.")
     return _verdict("supported", evidence + f" So: {told}.")
+
+
+def _noise(row, metric: str, tol: float) -> float:
+    """How far apart two moves of `metric` from `row` must be to differ: half its interval (a rate's Wilson
+    interval, or a seed-replicated loss's), else `tol` of its value."""
+    lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
+    if _finite(lo) and _finite(hi):
+        return (float(hi) - float(lo)) / 2
+    return tol * abs(float(row[metric]))
 
 
 def _num(x) -> float | None:

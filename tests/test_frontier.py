@@ -414,3 +414,14 @@ def test_h4_reads_the_trajectory_after_the_first_guardrail_movement():
     curves["C3"] = (curves["C3"][0], {"first_bad_steps": {}})  # C3's guardrails never moved: it held
     v = verdicts(study, curves)["H4"]
     assert v["verdict"] == "not supported" and "C2 from step 50: 0.500->0.300" in v["evidence"]
+
+
+def test_h3_moves_within_each_others_noise_are_comparable():
+    # LR and count move general loss by 0.30 and 0.295 (within 2% of C2's 1.0): comparable, so count does not
+    # dominate generality; task fit goes to count (0.25 against 0.01)
+    sweep = [row("C2_lr2x", 2, 4, 0.46, general=1.295, lr=2e-3, vit_lr=6e-3)]
+    study = [r for r in STUDY if r["variant"] in ("A0", "A1", "C2")] + [row("C3", 2, 6, 0.7, general=1.3)]
+    v = verdicts(study + sweep)["H3"]
+    assert "general_loss moves 0.3 by count (C2 1.000 -> C3 1.300) vs 0.295 by LR" in v["evidence"], v
+    assert v["verdict"] == "not supported" and v["evidence"].endswith(
+        "So: count dominates task fit, count and LR move generality comparably."), v
