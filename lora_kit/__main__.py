@@ -90,7 +90,7 @@ def cmd_matrix(args) -> int:
     if args.profile:
         overrides["profile"] = args.profile
     jobs = plan_jobs(args.variants, all_variants=args.all, grid=args.grid, overrides=overrides, seeds=args.seeds,
-                     files=args.file)
+                     files=args.file, params_dir=Path(args.params_dir) if args.params_dir else None)
     check_jobs(jobs, runs_dir(None) if runs_root is None else runs_root)  # nothing runs or is submitted otherwise
     if args.backend == "slurm":
         root = runs_dir(None) if runs_root is None else runs_root
@@ -116,6 +116,13 @@ def cmd_summary(args) -> int:
 
     for name, path in write_summary(args.runs_root, args.out_dir, args.setup).items():
         print(f"{name}: {path}")
+    return 0
+
+
+def cmd_next(args) -> int:
+    from .followup import write_next
+
+    write_next(args.summary_dir, args.out, args.runs_root, overwrite=args.overwrite)
     return 0
 
 
@@ -213,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="replicate each trained variant under N seeds (<variant>_seed<seed>; A0 runs once)")
     p.add_argument("--runs-root", default=None, help="folder of run folders (default outputs/runs)")
+    p.add_argument("--params-dir", default=None, metavar="DIR",
+                   help="variant files from DIR instead of params/ (default: every DIR/*.yaml), e.g. the follow-up "
+                        "study `next` writes to outputs/next")
     p.add_argument("--dry-run", action="store_true", help="show what would run, run nothing")
     p.add_argument("--status", action="store_true", help="print the status table of the run folders")
     p.add_argument("--backend", choices=["local", "slurm"], default="local",
@@ -231,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setup", default=None, help="the setup id (or its prefix) to compare, from study.csv's setup "
                                                  "column (default: the one with the most finished runs)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("next", help="the follow-up study from the summary: a params folder for the narrow sweep "
+                                    "around the frontier's winners (run it with matrix --params-dir)")
+    p.add_argument("--summary-dir", default=None, help="the summary's folder (default outputs/summary)")
+    p.add_argument("--runs-root", default=None, help="the runs folder the summary read (default: the one holding "
+                                                     "study.csv's run folders)")
+    p.add_argument("--out", default=None, help="the follow-up params folder (default outputs/next)")
+    p.add_argument("--overwrite", action="store_true", help="replace the *.yaml files of an existing --out folder")
+    p.set_defaults(func=cmd_next)
 
     p = sub.add_parser("bench", help="lora_kit against the plain peft + Trainer recipe, side by side (make bench)")
     p.add_argument("variants", nargs="*", help="study variants to train (default: A1 B3 C2)")

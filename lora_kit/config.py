@@ -57,6 +57,10 @@ class RunConfig:
     """Run name, also the run folder outputs/runs/<variant>. null: load_config derives it from
     llm_last/vit_last — the study's name for that pair (2/4 -> C2), otherwise L<llm_last>_V<vit_last>
     (e.g. L3_V0). A study name must match its pair: C2 with llm_last 4 is an error."""
+    derived_from: str | None = None
+    """The variant this one varies, in the same runs folder (`python -m lora_kit next` writes it into
+    each follow-up file, e.g. A2 for A2_lr2x); the matrix then refuses to run it with any other
+    parameter than that run's, but those its own file sets. null: a variant of its own."""
     llm_last: int = 0
     """LoRA on the last N decoder layers of the language model (0 = LLM tower untouched)."""
     vit_last: int = 0
@@ -856,6 +860,9 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
             bad(["target_regex", "variant"],
                 "an explicit variant name that is not a study name (the run folder is named by it)",
                 "set variant to a name of your own, e.g. R_last2_qkv")
+    if c["derived_from"] is not None and not _NAME.fullmatch(c["derived_from"]):
+        bad(["derived_from"], "null or the name of a variant (a run folder in the same runs folder)",
+            "set derived_from to the variant this one varies, e.g. A2, or null")
     if not _NAME.fullmatch(c["profile"]):
         bad(["profile"], "none or the name of a file in params/profiles/", "set profile: toy or profile: none")
 

@@ -3,8 +3,8 @@
     df = collect_runs("outputs/runs")
     study, left_out = one_setup(df)  # frontiers and verdicts compare runs of one setup (setups.py)
     front = pareto_front(study, {"best_eval_loss": "min", "irrelevant_pass": "max"})
-    write_summary()  # outputs/summary/: study.csv, left_out.csv, frontier_*.png, heatmaps.png, curves.png,
-                     # verdicts.json
+    write_summary()  # outputs/summary/: study.csv, left_out.csv, frontier.csv, frontier_*.png, heatmaps.png,
+                     # curves.png, verdicts.json (`python -m lora_kit next` reads frontier.csv and study.csv)
 
 Pure pandas / matplotlib / seaborn on the files train.py writes into each run folder (rundir.py).
 A run's guardrail metrics are those of its best checkpoint; a run without a feasible checkpoint
@@ -36,11 +36,12 @@ RUN_COLUMNS = [
     "variant", "llm_last", "vit_last", "model", "lora_rank", "learning_rate", "vit_lr", "seed", "status", "stop_reason",
     "stop_probe", "stop_step", "n_llm_modules", "n_vit_modules", "trainable_parameters", "best_step",
     "best_checkpoint", "best_eval_loss", "feasible", "guardrail_probes", "first_moved", "wall_seconds",
-    "eval_share", "steps", "run_dir", "setup", "setup_label"]
+    "eval_share", "steps", "run_dir", "setup", "setup_label", "derived_from", "stages"]
 _NOT_METRICS = ("step", "epoch", "eval_loss", "checkpoint", "eval_seconds")  # in the record, not guardrails
 LOSS_TOLERANCE = 0.02  # relative: two losses within 2% of each other are the same (hypothesis_verdicts)
 _TEXT_COLUMNS = ("variant", "model", "status", "stop_reason", "stop_probe", "best_checkpoint", "feasible",
-                 "guardrail_probes", "first_moved", "run_dir", "caption_disagree_steps", "setup", "setup_label")
+                 "guardrail_probes", "first_moved", "run_dir", "caption_disagree_steps", "setup", "setup_label",
+                 "derived_from", "stages")
 
 
 def study_probes(df: pd.DataFrame) -> list[str]:
@@ -131,6 +132,8 @@ def _run_row(folder: Path) -> dict:
         "wall_seconds": timings.get("wall_seconds"), "eval_share": timings.get("eval_share"),
         "steps": summary.get("steps"), "run_dir": str(folder),
         "setup": setup_id(setup), "setup_label": setup_label(setup),
+        "derived_from": cfg.get("derived_from"),  # the variant a follow-up run varies (lora_kit next)
+        "stages": json.dumps(cfg["stages"]) if cfg.get("stages") else None,  # a progressive-unfreezing run
         "caption_disagree_steps": ", ".join(str(r["step"]) for r in records
                                             if isinstance(r.get("caption"), dict) and r["caption"].get("disagree")),
     }
@@ -305,6 +308,32 @@ def pareto_front(df: pd.DataFrame, objectives: dict[str, str]) -> pd.Series:
     on_front = valid.copy()
     on_front[valid] = ~(no_worse & better).any(axis=0)
     return pd.Series(on_front, index=df.index, name="on_front")
+
+
+def frontier_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs on the study's Pareto front, as frontier.csv holds them: one row per run, lowest eval loss first.
+
+    The front of the finished feasible runs of one setup on front_objectives (eval loss, irrelevant pass and
+    hallucination in every watched probe group); with replicates, of each variant's mean over its seeds (seed_table,
+    as the verdicts read them). Columns: the run's settings, `trained` (False for an evaluation-only A0), its best
+    step and eval loss, each objective with its n and Wilson interval, task exact match, `run_dir` (the first seed's
+    folder) and `objectives` ("best_eval_loss min; irrelevant_pass@general max; ..."). Empty when no run is feasible.
+    """
+    _require_one_setup(df, "frontier_table")
+    done = df[df["status"].isin(FINISHED)]
+    if done.get("seed") is not None and (done.groupby(done["variant"].map(replicate_of)).size() > 1).any():
+        done = seed_table(done)
+    feasible = done[done["feasible"].astype(bool) & _measured(done, "best_eval_loss")]
+    objectives = {c: d for c, d in front_objectives(feasible).items() if c in feasible}
+    front = feasible[pareto_front(feasible, objectives)].copy()
+    front["trained"] = front.index.isin(_trained(front).index)
+    front["objectives"] = "; ".join(f"{c} {d}" for c, d in objectives.items())
+    rates = [f"{c}{end}" for c in [*objectives, "task_exact_match"] if c in front
+             for end in ("", "_n", "_lo", "_hi") if f"{c}{end}" in front and c != "best_eval_loss"]
+    keep = ["variant", "derived_from", "trained", "llm_last", "vit_last", "model", "lora_rank", "learning_rate",
+            "vit_lr", "seed", "trainable_parameters", "best_step", "best_eval_loss", *rates, "run_dir", "setup",
+            "objectives"]
+    return front.reindex(columns=keep).sort_values("best_eval_loss", kind="stable").reset_index(drop=True)
 
 
 def plot_frontier(df: pd.DataFrame, x: str = "best_eval_loss", y: str = "irrelevant_pass@general", ax=None):
@@ -620,7 +649,7 @@ STATEMENTS = {
 def hypothesis_verdicts(df: pd.DataFrame, curves: dict | None = None, *,
                         loss_tolerance: float = LOSS_TOLERANCE) -> list[dict]:
     """A verdict for each hypothesis of the plan, computed from the runs: supported / not supported / not
-    enough data, with the numbers behind it.
+    enough data (or, for H3, not tested: no run of a learning-rate sweep yet), with the numbers behind it.
 
     Noise: two rates differ only when their Wilson 95% intervals do not overlap; two losses only when
     they differ by more than `loss_tolerance` (relative, 0.02 = 2%). Only finished runs count.
@@ -759,35 +788,121 @@ def _h2(done: pd.DataFrame, tol: float) -> dict:
     return _verdict("supported", where + " Wider footprints in either tower buy no eval loss beyond that.")
 
 
+MODEST_LR = 2.0  # a modest learning-rate change: by at most this factor either way (the follow-up's x0.5, x2)
+NOT_TESTED = ("run `python -m lora_kit next` (a sweep around the frontier's winners, learning rates x0.5 / x2 among "
+              "it) then `python -m lora_kit matrix --params-dir outputs/next` and the summary again")
+
+
 def _h3(done: pd.DataFrame, tol: float) -> dict:
+    """Target count against modest learning-rate changes, around each footprint trained at several learning rates.
+
+    An anchor is such a footprint's run at the learning rates (learning_rate, vit_lr) most footprints were trained
+    at; its LR changes are its footprint's runs at learning rates within MODEST_LR of its own, its count changes
+    the runs at its learning rates whose footprint differs in one tower (same model and rank). Per metric, when
+    either side moved beyond noise (_compare), the larger move (a rate's change, a loss's difference) wins if it
+    exceeds the other by more than the noise (half the anchor's interval, or loss_tolerance of its loss); else the
+    two are comparable. Task fit (eval loss, task exact match) and generality (general loss, irrelevant pass,
+    hallucination) each go to the side that wins more of their moved metrics than the other side and the
+    comparable ones together, else to neither. Supported when count takes every family that moved; not supported
+    otherwise; not tested without any modest LR change.
+    """
     trained = _trained(done)
-    trained = trained[_measured(trained, "best_eval_loss")].assign(
-        _loss=lambda d: d["best_eval_loss"].astype(float),
-        _footprint=lambda d: list(zip(d["llm_last"], d["vit_last"])),
-        _lr=lambda d: list(zip(d["learning_rate"], d["vit_lr"])))
-    by_footprint = trained.groupby(["model", "lora_rank", "_footprint"], dropna=False)
-    grids = [g for _, g in by_footprint if g["_lr"].nunique() > 1]
-    by_lr = trained.groupby(["model", "lora_rank", "_lr"], dropna=False)
-    spreads = [g for _, g in by_lr if g["_footprint"].nunique() > 1]
-    if not grids:
-        return _verdict("not enough data", "No footprint was trained at more than one learning rate; needed: an LR "
-                        "grid around one variant, e.g. C2 at learning_rate x0.5 / x2 and vit_lr x0.5 / x2 (the matrix "
-                        "runner's --grid).")
-    if not spreads:
-        return _verdict("not enough data", "No learning-rate setting was trained on more than one footprint; "
-                        "needed: the study variants at the grid's learning rates.")
-    lr = max(grids, key=lambda g: g["_loss"].max() - g["_loss"].min())
-    count = max(spreads, key=lambda g: g["_loss"].max() - g["_loss"].min())
-    lr_effect, count_effect = lr["_loss"].max() - lr["_loss"].min(), count["_loss"].max() - count["_loss"].min()
-    lrs = sorted(set(lr["_lr"]))
-    evidence = (f"Eval loss spans {count_effect:.3f} across {count['_footprint'].nunique()} footprints at "
-                f"learning_rate/vit_lr {count['_lr'].iloc[0][0]:g}/{count['_lr'].iloc[0][1]:g}, and at most "
-                f"{lr_effect:.3f} across {len(lrs)} learning-rate settings of {lr['variant'].iloc[0]}'s footprint "
-                f"{lr['_footprint'].iloc[0]} (from {lrs[0][0]:g}/{lrs[0][1]:g} to {lrs[-1][0]:g}/{lrs[-1][1]:g}).")
-    noise = tol * float(trained["_loss"].min())
-    if count_effect <= noise and lr_effect <= noise:
-        return _verdict("not enough data", evidence + f" Both are within the {tol:.0%} loss tolerance.")
-    return _verdict("supported" if count_effect > lr_effect else "not supported", evidence)
+    trained = trained[_measured(trained, "best_eval_loss")]
+    if "stages" in trained:  # a progressive-unfreezing run trains several footprints in turn
+        trained = trained[trained["stages"].isna()]
+    rows = [r for _, r in trained.iterrows()]
+    footprint = lambda r: (r["llm_last"], r["vit_last"])  # noqa: E731
+    lrs = lambda r: (_num(r.get("learning_rate")), _num(r.get("vit_lr")))  # noqa: E731
+    base = lambda r: (r.get("model"), _num(r.get("lora_rank")))  # noqa: E731
+    spread = {}  # learning rates -> footprints trained at them
+    for r in rows:
+        spread.setdefault((base(r), lrs(r)), set()).add(footprint(r))
+    lr_pairs, count_pairs, too_far = [], [], 0
+    for key in dict.fromkeys((base(r), footprint(r)) for r in rows):
+        group = [r for r in rows if (base(r), footprint(r)) == key]
+        if len({lrs(r) for r in group}) < 2:
+            continue
+        anchor = max(group, key=lambda r: len(spread[(base(r), lrs(r))]))  # first of the most common LRs
+        for r in group:
+            if lrs(r) == lrs(anchor):
+                continue
+            if _lr_factor(lrs(anchor), lrs(r)) <= MODEST_LR * (1 + 1e-9):
+                lr_pairs.append((anchor, r))
+            else:
+                too_far += 1
+        if any(a is anchor for a, _ in lr_pairs):
+            count_pairs += [(anchor, r) for r in rows if base(r) == base(anchor) and lrs(r) == lrs(anchor)
+                            and sum(x != y for x, y in zip(footprint(r), footprint(anchor))) == 1]
+    if not lr_pairs:
+        beyond = f" ({too_far} learning-rate changes beyond x{MODEST_LR:g} left out)" if too_far else ""
+        return _verdict("not tested", f"No footprint was trained at a modest learning-rate change (x{1 / MODEST_LR:g}"
+                        f" to x{MODEST_LR:g}) of its learning rates{beyond}: {NOT_TESTED}.")
+    anchors = list(dict.fromkeys(a["variant"] for a, _ in lr_pairs))
+    pair_text = lambda pairs: ", ".join(f"{a['variant']}->{b['variant']}" for a, b in pairs)  # noqa: E731
+    head = (f"Around {', '.join(anchors)}: {len(lr_pairs)} modest learning-rate changes ({pair_text(lr_pairs)}) and "
+            f"{len(count_pairs)} one-tower target-count changes at the same learning rates"
+            + (f" ({pair_text(count_pairs)})." if count_pairs else "."))
+    if not count_pairs:
+        return _verdict("not enough data", head + f" Needed: runs of another footprint at {anchors[0]}'s learning "
+                        "rates (the study's variants, or the follow-up's llm_last-1 variant).")
+    families = {"task fit": ["best_eval_loss"] + (["task_exact_match"] if "task_exact_match" in done else []),
+                "generality": list(generality(done))}
+    found, winners = [], {}
+    for family, metrics in families.items():
+        tally = {"count": 0, "LR": 0, "comparable": 0}
+        for m in metrics:
+            d = direction(m) or "min"
+            moves = {side: [(abs(float(b[m]) - float(a[m])), _compare(a, b, m, d, tol), a, b) for a, b in pairs
+                            if _finite(a.get(m)) and _finite(b.get(m))]
+                     for side, pairs in (("count", count_pairs), ("LR", lr_pairs))}
+            if not moves["count"] or not moves["LR"]:
+                continue
+            top = {side: max(ms, key=lambda x: x[0]) for side, ms in moves.items()}
+            moved = any(c in ("worse", "better") for ms in moves.values() for _, c, _, _ in ms)
+            gap = top["count"][0] - top["LR"][0]
+            side = (None if not moved else "comparable" if abs(gap) <= _noise(top["count"][2], m, tol)
+                    else "count" if gap > 0 else "LR")
+            if side:
+                tally[side] += 1
+            found.append(f"{m} moves {top['count'][0]:.3g} by count ({_move(top['count'], m)}) vs "
+                         f"{top['LR'][0]:.3g} by LR ({_move(top['LR'], m)}): "
+                         + ("within noise" if not side else "comparable" if side == "comparable" else f"{side} larger"))
+        if sum(tally.values()):
+            others = lambda side: sum(v for k, v in tally.items() if k != side)  # noqa: E731
+            winners[family] = next((side for side in ("count", "LR") if tally[side] > others(side)), None)
+    evidence = head + " " + "; ".join(found) + "."
+    if not winners:
+        return _verdict("not enough data", evidence + f" Nothing moved beyond noise (Wilson 95% intervals overlap, "
+                        f"losses within {tol:.0%}); a larger benchmark (eval_max_samples) would be needed.")
+    told = ", ".join(f"{side} dominates {family}" if side else f"count and LR move {family} comparably"
+                     for family, side in winners.items())
+    if any(side != "count" for side in winners.values()):
+        return _verdict("not supported", evidence + f" So: {told}.")
+    return _verdict("supported", evidence + f" So: {told}.")
+
+
+def _noise(row, metric: str, tol: float) -> float:
+    """How far apart two moves of `metric` from `row` must be to differ: half its interval (a rate's Wilson
+    interval, or a seed-replicated loss's), else `tol` of its value."""
+    lo, hi = row.get(f"{metric}_lo"), row.get(f"{metric}_hi")
+    if _finite(lo) and _finite(hi):
+        return (float(hi) - float(lo)) / 2
+    return tol * abs(float(row[metric]))
+
+
+def _num(x) -> float | None:
+    return float(x) if _finite(x) else None
+
+
+def _lr_factor(a: tuple, b: tuple) -> float:
+    """The largest factor between two runs' learning rates, either way (a missing one counts as unchanged)."""
+    return max([max(y / x, x / y) for x, y in zip(a, b) if x and y] or [1.0])
+
+
+def _move(move: tuple, metric: str) -> str:
+    _, _, a, b = move
+    n = lambda r: f" n={int(r[metric + '_n'])}" if _finite(r.get(metric + "_n")) else ""  # noqa: E731
+    return f"{a['variant']} {_show(a, metric)}{n(a)} -> {b['variant']} {_show(b, metric)}{n(b)}"
 
 
 def _h4(done: pd.DataFrame, curves: dict, tol: float) -> dict:
@@ -895,9 +1010,10 @@ def write_summary(runs_root=None, out_dir=None, setup: str | None = None, *, log
     log(setup_note(study, left_out))
     out = Path(out_dir) if out_dir else outputs_dir() / "summary"
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"table": out / "study.csv", "left_out": out / "left_out.csv"}
+    paths = {"table": out / "study.csv", "left_out": out / "left_out.csv", "frontier": out / "frontier.csv"}
     df.to_csv(paths["table"], index=False)
     left_out.to_csv(paths["left_out"], index=False)
+    frontier_table(study).to_csv(paths["frontier"], index=False)  # what `python -m lora_kit next` sweeps around
 
     def save(name: str, fig) -> None:
         paths[name] = out / f"{name}.png"

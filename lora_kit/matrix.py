@@ -4,6 +4,7 @@
     python -m lora_kit matrix C2 C3 --jobs 2  # chosen variants, two at a time (one GPU each when present)
     python -m lora_kit matrix C2 --grid lora_rank=8,16,32
     python -m lora_kit matrix --seeds 3       # each variant under 3 seeds: C2, C2_seed43, C2_seed44
+    python -m lora_kit matrix --params-dir outputs/next  # every variant file of a folder (lora_kit next writes one)
     python -m lora_kit matrix --backend slurm --partition gpu --gpus-per-job 2 --time 720
     python -m lora_kit matrix --status        # the table of statuses, from the run folders
 
@@ -60,7 +61,7 @@ def variant_file(name: str, params_dir: Path | None = None) -> Path:
     params_dir = paths.params_dir() if params_dir is None else Path(params_dir)
     path = params_dir / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in params_dir.glob("*.yaml") if p.stem != "defaults")
+        known = folder_variants(params_dir) if params_dir.is_dir() else []
         from .config import _display
 
         raise ConfigError(f"variant {name!r}: no {_display(path)}; known variants: {', '.join(known) or '(none)'}. "
@@ -68,10 +69,26 @@ def variant_file(name: str, params_dir: Path | None = None) -> Path:
     return path
 
 
+def folder_variants(params_dir: Path) -> list[str]:
+    """The variants of a params folder: its *.yaml files' names (but defaults), sorted; ConfigError if none."""
+    params_dir = Path(params_dir)
+    if not params_dir.is_dir():
+        raise ConfigError(f"--params-dir {params_dir}: no such folder. Fix: pass the folder `python -m lora_kit next` "
+                          "wrote (default outputs/next), or one holding <variant>.yaml files")
+    names = sorted(p.stem for p in params_dir.glob("*.yaml") if p.stem != "defaults")
+    if not names:
+        raise ConfigError(f"--params-dir {params_dir}: no <variant>.yaml file in it. Fix: run `python -m lora_kit "
+                          "next` to write the follow-up study there, or pass another folder")
+    return names
+
+
 def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str] = (),
               overrides: dict | None = None, params_dir: Path | None = None, seeds: int = 1,
               files: list[str | Path] = ()) -> list[Job]:
     """The jobs in run order: A0 first (the others' guardrail baseline), then the rest as given.
+
+    `params_dir`: where the variant files are (matrix --params-dir); outside params/ the default is every variant
+    file of that folder. The defaults and profiles always come from params/.
 
     `files` (matrix -f): params files merged before every variant's own file, in order, as `train -f a -f b`
     merges them (a setup file with the model and data, say).
@@ -82,8 +99,13 @@ def plan_jobs(variants: list[str], *, all_variants: bool = False, grid: list[str
     """
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: expected a number of seeds >= 1. Fix: e.g. --seeds 3.")
-    params_dir = paths.params_dir() if params_dir is None else Path(params_dir)
-    names = list(STUDY_VARIANTS) if all_variants else (variants or list(STUDY_PRIORITY))
+    study_params = paths.params_dir()
+    params_dir = study_params if params_dir is None else Path(params_dir)
+    if all_variants and params_dir != study_params:
+        raise ConfigError(f"--all names the study's variants in params/; with --params-dir {params_dir} every file of "
+                          "that folder runs already. Fix: drop --all (or name the variants to run)")
+    default = list(STUDY_PRIORITY) if params_dir == study_params else folder_variants(params_dir)
+    names = list(STUDY_VARIANTS) if all_variants else (variants or default)
     if BASELINE not in names and (params_dir / f"{BASELINE}.yaml").exists():
         names = [BASELINE, *names]
     names = sorted(dict.fromkeys(names), key=lambda n: n != BASELINE)  # stable: A0 first, others in order
@@ -119,20 +141,55 @@ def _replicates(job: Job, seeds: int) -> list[Job]:
 
 def check_jobs(jobs: list[Job], runs_root: Path) -> None:
     """Every job's parameters checked as its train.ipynb will load them (files, overrides, the model folder, the
-    data files), before anything runs or is submitted; one ConfigError naming each job that cannot run."""
+    data files), before anything runs or is submitted; one ConfigError naming each job that cannot run.
+
+    Also refused: a job whose variant (the run folder it writes) is not its name (the matrix tracks the folder of
+    that name), and a follow-up job (derived_from: W) whose parameters differ from W's run (W's params.json in
+    runs_root) in anything but what its own file sets: the follow-up compares with W, so all else must equal."""
     from .config import load_config
 
     problems = []
     for job in jobs:
         try:
-            load_config(job.params_files, {**job.overrides, "output_dir": str(runs_root)},
-                        overrides_source="--set")
+            cfg = load_config(job.params_files, {**job.overrides, "output_dir": str(runs_root)},
+                              overrides_source="--set")
         except ConfigError as err:
             problems.append(f"{job.variant} ({', '.join(str(f) for f in job.params_files)}):\n" +
                             "\n".join(f"    {line}" for line in getattr(err, "problems", [str(err)])))
+            continue
+        if cfg.variant_name != job.variant:
+            problems.append(f"{job.variant} ({job.params_file}):\n    variant = {cfg.variant_name!r}: the run would "
+                            f"go to {runs_root / cfg.variant_name}, not {runs_root / job.variant}, where the matrix "
+                            f"looks. Fix: set variant: {job.variant} in {job.params_file} (or rename the file)")
+        elif cfg.derived_from is not None:
+            problems += _derived_problems(job, cfg, runs_root)
     if problems:
         raise ConfigError(f"{len(problems)} of {len(jobs)} matrix jobs cannot run; nothing was started:\n  "
                           + "\n  ".join(problems))
+
+
+def _derived_problems(job: Job, cfg, runs_root: Path) -> list[str]:
+    """What keeps a follow-up job from comparing with the run it varies (see check_jobs); [] when nothing."""
+    import yaml
+
+    from .config import RESUME_SAFE, RunConfig
+
+    origin = RunFolder(runs_root / cfg.derived_from).params()
+    head = f"{job.variant} ({job.params_file}): derived_from {cfg.derived_from}"
+    if not origin or not isinstance(origin.get("config"), dict):
+        return [f"{head}, but {runs_root / cfg.derived_from} holds no params.json: the follow-up compares with that "
+                f"run. Fix: run it in the study's runs folder (--runs-root), or set derived_from: null in its file"]
+    own = yaml.safe_load(Path(job.params_file).read_text(encoding="utf-8")) or {}
+    defaults, before = RunConfig().to_dict(), origin["config"]
+    exempt = {"variant", "derived_from", "seed", *RESUME_SAFE, *own}  # seed: replicates (--seeds) compare by mean
+    changes = [(k, before.get(k, defaults[k]), v) for k, v in cfg.to_dict().items()
+               if k not in exempt and before.get(k, defaults[k]) != v]
+    if not changes:
+        return []
+    return [f"{head}, which ran with other values of parameters this file does not set "
+            f"({cfg.derived_from} -> this job): " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+            + f". Fix: give the matrix the study's -f files and --set values; to vary one on purpose, set it in "
+            f"{job.params_file}"]
 
 
 def run_status(runs_root: Path, variant: str) -> str:

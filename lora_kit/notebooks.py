@@ -195,13 +195,18 @@ def summary_notebook() -> nbformat.NotebookNode:
 
             Each verdict is computed from the runs above. Two rates differ only when their 95% intervals do not
             overlap, two losses only when they differ by more than 2%; otherwise the data are not enough, and the
-            evidence says which runs would settle it.""")),
+            evidence says which runs would settle it. H3 is not tested until a learning-rate sweep has run: the
+            follow-up study (`python -m lora_kit next`, then `python -m lora_kit matrix --params-dir outputs/next`).""")),
         new_code_cell(textwrap.dedent("""\
             import pandas as pd
 
             pd.set_option("display.max_colwidth", None)
             pd.DataFrame(frontier.hypothesis_verdicts(study)).set_index("hypothesis")""")),
-        new_markdown_cell("## Save the table, the figures and the verdicts"),
+        new_markdown_cell(textwrap.dedent("""\
+            ## Save the table, the figures and the verdicts
+
+            frontier.csv holds the runs on the Pareto front: `python -m lora_kit next` writes the follow-up sweep
+            around its trained runs from it.""")),
         new_code_cell(textwrap.dedent("""\
             for name, path in frontier.write_summary(runs_root, out_dir, setup, log=lambda *_: None).items():
                 print(f"{name}: {path}")""")),

@@ -54,7 +54,7 @@ def test_summary_notebook_on_real_runs(study):
     verdicts = json.loads((out / "verdicts.json").read_text())
     assert [v["hypothesis"] for v in verdicts] == ["H1", "H2", "H3", "H4"]
     h3 = next(v for v in verdicts if v["hypothesis"] == "H3")
-    assert h3["verdict"] == "not enough data"  # no learning-rate grid in this study
+    assert h3["verdict"] == "not tested"  # no learning-rate sweep in this study
 
 
 def test_papermill_with_a_params_file_and_no_output_path(toy_ckpt, mini_world, tmp_path):
