@@ -312,7 +312,11 @@ class GuardrailCallback(TrainerCallback):
             if record["step"] != self.trainer.state.global_step:
                 raise LoraKitError(f"internal: the record of step {record['step']} would be logged at step "
                                    f"{self.trainer.state.global_step}")
+            # the Trainer's on_log clears should_log: its own log of this step (training loss, learning rates)
+            # must still come, on rank 0 as on the others, which gather the loss with it
+            should_log = self.trainer.control.should_log
             self.trainer.log(trainer_logs(record))
+            self.trainer.control.should_log = should_log
         self.unreported = []
 
     def load_baseline(self) -> dict:
