@@ -181,7 +181,13 @@ class RunConfig:
     """Save a checkpoint every N steps; a multiple of eval_steps, so that every checkpoint has the
     guardrail metrics the best-checkpoint choice needs."""
     logging_steps: int = 5
-    """Log training loss and learning rates to TensorBoard every N steps."""
+    """Log training loss and learning rates to the report_to integrations every N steps."""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """The Trainer's report_to: the integrations (transformers' names, e.g. tensorboard, mlflow, wandb) that receive
+    the training logs and every guardrail metric at its evaluation step; [] = none. TensorBoard writes to the run's
+    tb/ folder; the others read their usual settings from the environment (e.g. MLFLOW_TRACKING_URI,
+    MLFLOW_EXPERIMENT_NAME, WANDB_PROJECT, WANDB_MODE) and must be installed. An A0 run, which has no Trainer,
+    reports its step-0 evaluation to the same integrations."""
     max_new_tokens: int = 256
     """Longest generated answer on the benchmark and the caption probes."""
     eval_max_samples: int = 200
@@ -308,15 +314,16 @@ def derive_variant(llm_last: int, vit_last: int) -> str:
     return f"L{llm_last}_V{vit_last}"
 
 
-# Not part of a run's identity: where it is written and whether an old one is replaced.
-_NOT_HASHED = ("output_dir", "overwrite")
+# Not part of a run's identity: where it is written, whether an old one is replaced and which trackers see it.
+_NOT_HASHED = ("output_dir", "overwrite", "report_to")
 
 # What a resumed run may change against its params.json (inputs.resume_decision refuses any other change):
-# where the runs folder is and whether to start over, and how often the training loss is logged. Every
+# where the runs folder is and whether to start over, how often the training loss is logged and to which
+# trackers (a resumed run reports from its resumed step on, as the Trainer does). Every
 # other parameter shapes the checkpoint (ranks, targets, modules_to_save), the optimizer (learning rates,
 # decay), the data (files, batch, packing, processes), the schedule (steps, warmup) or what the metrics and
 # guardrails measure and decide, so changing it midway would leave one run made of two.
-RESUME_SAFE = ("output_dir", "overwrite", "logging_steps")
+RESUME_SAFE = ("output_dir", "overwrite", "logging_steps", "report_to")
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -880,6 +887,9 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
             "set freeze_aligner: false to train it, or remove it from modules_to_save")
     if any(not m.strip() for m in c["modules_to_save"]):
         bad(["modules_to_save"], "non-empty module names", "remove the empty entries")
+    problem = _report_to_problem(c["report_to"])
+    if problem:
+        bad(["report_to"], *problem)
 
     # strings and files
     for name in ("irrelevant_label", "output_dir"):
@@ -926,6 +936,48 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
             if problem:
                 bad([name], problem, f"give {name} a file in that format, or {name}: null for the toy world's")
     return out
+
+
+# The integrations of the Trainer's report_to whose Python package has another name than the integration
+_INTEGRATION_PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit flytekitplugins-deck-standard"}
+
+
+def _report_to_problem(report_to: tuple[str, ...]) -> tuple[str, str] | None:
+    """(expected, fix) when report_to names an integration transformers does not know or that is not installed
+    (transformers.integrations: INTEGRATION_TO_CALLBACK, get_available_reporting_integrations); None if fine.
+    [] and [none] (the Trainer's own spelling) report nowhere.
+
+    tensorboard is one of the kit's own dependencies: only other names import transformers' integrations.
+    """
+    if len(set(report_to)) < len(report_to):
+        return "each integration once", "remove the repeated names"
+    if set(report_to) <= {"tensorboard"} or report_to == ("none",):
+        return None
+    from transformers.integrations import (INTEGRATION_TO_CALLBACK, get_available_reporting_integrations,
+                                           is_azureml_available, is_flyte_deck_standard_available)
+
+    installed = get_available_reporting_integrations()
+    # the two that transformers' list (its report_to "all") leaves out although their callback works
+    installed += [name for name, ok in (("azure_ml", is_azureml_available), ("flyte", is_flyte_deck_standard_available))
+                  if name not in installed and ok()]
+    expected = (f"a list of the Trainer's integrations ({', '.join(INTEGRATION_TO_CALLBACK)}), each installed "
+                f"here (installed: {', '.join(installed) or 'none'}); [] for none")
+    if "all" in report_to:
+        return expected, ("name the integrations, e.g. report_to: [tensorboard, mlflow], so that params.json says "
+                          "which ones received the run")
+    if "none" in report_to:
+        return expected, "write report_to: [] for none, or remove none from the list"
+    unknown = [name for name in report_to if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        close = [difflib.get_close_matches(name, list(INTEGRATION_TO_CALLBACK), n=1) for name in unknown]
+        hints = [f"{match[0]} for {name}" for name, match in zip(unknown, close) if match]
+        return expected, (f"write {', '.join(hints)}" if len(hints) == len(unknown)
+                          else f"remove {', '.join(unknown)} from report_to")
+    missing = [name for name in report_to if name not in installed]
+    if missing:
+        packages = " ".join(_INTEGRATION_PACKAGES.get(name, name) for name in missing)
+        return expected, f"pip install {packages}, or remove {', '.join(missing)} from report_to"
+    return None
 
 
 def _file_format_problem(name: str, path: Path) -> str | None:

@@ -1,6 +1,6 @@
 """Every metric of an evaluation record, defined once: name, direction, kind, thresholds, where it is shown.
 
-The guardrails, TensorBoard, the run view, the study table and the plots all read METRICS, so a new metric
+The guardrails, the trackers (trainer_logs), the run view, the study table and the plots all read METRICS, so a new metric
 or a new probe group needs no other list kept in step (PEFT's method_comparison keeps the same kind of
 "higher / lower is better" map).
 
@@ -12,6 +12,7 @@ they are `<metric>@<probe>` (`irrelevant_pass@task`), with `_n`, `_lo` and `_hi`
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -134,3 +135,43 @@ def columns(where: str, probes: list[str]) -> list[str]:
     for m in shown(where):
         out += [column(m.name, p) for p in probes] if m.scope == "probe" else [m.name]
     return out
+
+
+# The caption-sanity and crop-consistency numbers of a record the trackers receive too: record[part][key].
+LOGGED_PARTS = (("caption", ("mean_chrf_vs_baseline",)), ("crop", ("agreement_rate", "label_flip_rate", "mean_chrf")))
+
+
+def trainer_logs(record: Mapping) -> dict[str, float]:
+    """One evaluation record as the Trainer's logs, which every report_to integration receives at the record's step.
+
+    Keys: `eval_<metric>` for a run metric (eval_loss, eval_gap, eval_task_exact_match), `eval_<probe>/<metric>`
+    for a probe metric (eval_task/irrelevant_pass); a rate has its n beside it (`..._n`: eval_task/irrelevant_pass_n,
+    eval_task_exact_match_n), the KL its token count (eval_task/kl_base_tokens); then eval_caption_<key> and
+    eval_crop_<key> (LOGGED_PARTS). Only finite numbers: a metric not measured (null) or NaN is left out.
+
+    `eval_` is the Trainer's own prefix for evaluation metrics: TensorBoard and W&B show these as `eval/<...>`
+    (transformers' rewrite_logs: eval/loss, eval/task/irrelevant_pass), MLflow under the keys as written. The
+    keys hold only characters every integration keeps, but a probe group's own name: MLflow writes `_` for any
+    character other than letters, digits and `_-. :/` in it. metrics.jsonl keeps the record as it is.
+    """
+    logs: dict[str, float] = {}
+
+    def put(key: str, value) -> None:
+        if isinstance(value, Mapping):  # a rate: {k, n, rate, lo, hi}
+            put(f"{key}_n", value.get("n"))
+            value = value.get("rate")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            logs[key] = value
+
+    for m in METRICS:  # every metric of the table, a probe metric once per probe group
+        if m.scope == "run":  # eval_loss keeps its name, the Trainer's own for the eval loss
+            put(m.name if m.name.startswith("eval_") else f"eval_{m.name}", record.get(m.name))
+            continue
+        for probe, values in probe_metrics(record).items():
+            put(f"eval_{probe}/{m.name}", values.get(m.name))
+            if f"{m.name}_tokens" in values:  # kl_base: the tokens it averages over
+                put(f"eval_{probe}/{m.name}_tokens", values[f"{m.name}_tokens"])
+    for part, keys in LOGGED_PARTS:
+        for key in keys:
+            put(f"eval_{part}_{key}", (record.get(part) or {}).get(key))
+    return logs

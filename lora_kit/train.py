@@ -2,10 +2,11 @@
 
     cfg = load_config(["params/C2.yaml"]); run_dir = train(cfg)
 
-The Trainer owns the loop (schedule, accumulation, checkpoints, resume, TensorBoard, multi-GPU
-launch); lora_kit adds what the study needs through the Trainer's extension points: per-tower
+The Trainer owns the loop (schedule, accumulation, checkpoints, resume, logging to the report_to integrations,
+multi-GPU launch); lora_kit adds what the study needs through the Trainer's extension points: per-tower
 optimizer groups (`create_optimizer`), correct packing (the data collator), the frozen-prefix fast
-path (`compute_loss`, see prefix.py) and the guardrail evaluation (a `TrainerCallback`).
+path (`compute_loss`, see prefix.py) and the guardrail evaluation (a `TrainerCallback`, whose records reach
+every integration through the Trainer's own `log`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .device import compute_device, compute_dtype
 from .errors import ConfigError, LoraKitError
 from .evaluate import EvalSet, guardrail_record, image_cache, samples_record, to_device
 from .inputs import data_files, resolve_inputs  # noqa: F401  (data_files: callers import it from here)
-from .metrics import METRICS, probe_metrics
+from .metrics import trainer_logs
 from .paths import IS_CLONE, REPO_ROOT, runs_dir
 from .prefix import FrozenPrefix, plan_prefix
 from .rundir import RunFolder
@@ -232,7 +233,13 @@ def frozen_prefix(model, cfg: RunConfig, collator: Collator, train_data, *, worl
 # ---------------------------------------------------------------- guardrail evaluation
 
 class GuardrailCallback(TrainerCallback):
-    """At every evaluation: all guardrail metrics, one metrics.jsonl line, TensorBoard, triggers, stop.
+    """At every evaluation: all guardrail metrics, one metrics.jsonl line, the Trainer's logs, triggers, stop.
+
+    Each record reaches the report_to integrations through `Trainer.log` at its step (metrics.trainer_logs): step 0,
+    measured before the Trainer exists, at on_train_begin; the last step at its on_step_end, as the Trainer's own
+    evaluation at max_steps (or at the log that found the training loss non-finite), while every integration
+    still takes logs (MLflow ends its run at on_train_end).
+    A run that resumes reports from its resumed step on, as the Trainer does.
 
     With several processes rank 0 evaluates and writes; the other ranks wait and follow its decision.
     When FSDP or ZeRO-3 shard the weights, every rank measures its share of each evaluation (`measure`)
@@ -252,7 +259,7 @@ class GuardrailCallback(TrainerCallback):
         self.plateau: dict | None = None  # guardrails.eval_loss_plateau, when it ended the run
         self.eval_seconds = 0.0
         self.eval_parts: dict[str, float] = {}  # seconds per part of the evaluations (losses, benchmark, ...)
-        self.tb = None
+        self.unreported: list[dict] = []  # records not yet given to the Trainer's log (report)
         self.prefix: FrozenPrefix | None = None  # the training run's frozen-prefix cache, for the losses
         self.images: FrozenPrefix | None = None  # the frozen vision blocks' output per image, for generation
         self.trainer = None  # set by train(): with sharded weights the Trainer's (wrapped) model is evaluated
@@ -275,11 +282,12 @@ class GuardrailCallback(TrainerCallback):
             return self.ranks.on_rank0(then, measured, *args)
         return self.ranks.on_rank0(lambda: then(self.measure(model, step), *args))
 
-    def keep(self, measured: tuple[dict, list, list], step: int, epoch: float) -> dict:
-        """Rank 0's part of an evaluation: the record completed, its samples written."""
+    def keep(self, measured: tuple[dict, list, list], step: int, epoch: float, saved: bool = False) -> dict:
+        """Rank 0's part of an evaluation: the record completed, its samples written. `saved`: the Trainer saves
+        this step's checkpoint whatever save_steps says (the last step)."""
         record, gens, captions = measured
         record["epoch"] = epoch
-        record["checkpoint"] = (f"checkpoints/checkpoint-{step}" if step and step % self.cfg.save_steps == 0
+        record["checkpoint"] = (f"checkpoints/checkpoint-{step}" if step and (saved or step % self.cfg.save_steps == 0)
                                 else None)
         self.eval_seconds += record["eval_seconds"]
         for part, seconds in record.pop("eval_parts").items():
@@ -294,8 +302,22 @@ class GuardrailCallback(TrainerCallback):
     def record(self, record: dict) -> None:
         self.run.append_metrics(record)
         self.history.append(record)
+        self.unreported.append(record)
         self.load_baseline()
-        self._tensorboard(record)
+
+    def report(self) -> None:
+        """Rank 0: the records not yet logged, through the Trainer's log (it logs at the Trainer's step, which is
+        theirs: step 0 at on_train_begin, an evaluation at its on_step_end)."""
+        for record in self.unreported:
+            if record["step"] != self.trainer.state.global_step:
+                raise LoraKitError(f"internal: the record of step {record['step']} would be logged at step "
+                                   f"{self.trainer.state.global_step}")
+            # the Trainer's on_log clears should_log: its own log of this step (training loss, learning rates)
+            # must still come, on rank 0 as on the others, which gather the loss with it
+            should_log = self.trainer.control.should_log
+            self.trainer.log(trainer_logs(record))
+            self.trainer.control.should_log = should_log
+        self.unreported = []
 
     def load_baseline(self) -> dict:
         """The guardrail baseline (a comparable A0's step 0, else this run's), read once the step 0 is recorded."""
@@ -304,56 +326,44 @@ class GuardrailCallback(TrainerCallback):
                 self.run.path, self.run.path.parent, params=self.params)
         return self.baseline
 
-    def _tensorboard(self, record: dict) -> None:
-        if self.tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run.path / "tb" / "guardrails"))
-        def scalar(tag: str, value) -> None:
-            value = value.get("rate") if isinstance(value, dict) else value
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.tb.add_scalar(f"guardrails/{tag}", value, record["step"])
-
-        for m in METRICS:  # every metric of the table, a probe metric once per probe group
-            if m.scope == "run":
-                scalar(m.name, record.get(m.name))
-            for probe, values in probe_metrics(record).items() if m.scope == "probe" else ():
-                scalar(f"{probe}/{m.name}", values.get(m.name))
-        for key in ("mean_chrf_vs_baseline",):
-            scalar(f"caption_{key}", (record.get("caption") or {}).get(key))
-        for key in ("agreement_rate", "label_flip_rate", "mean_chrf"):
-            scalar(f"crop_{key}", (record.get("crop") or {}).get(key))
-        self.tb.flush()
-
     def evaluate_and_check(self, model, step: int, epoch: float) -> guardrails.Trigger | None:
-        """One guardrail evaluation: metrics line, TensorBoard, then the triggers (never at step 0)."""
+        """One guardrail evaluation: metrics line, then the triggers (never at step 0)."""
         return self.check(self.measure(model, step), step, epoch)
 
-    def check(self, measured: tuple[dict, list, list], step: int, epoch: float) -> guardrails.Trigger | None:
+    def check(self, measured: tuple[dict, list, list], step: int, epoch: float,
+              saved: bool = False) -> guardrails.Trigger | None:
         """Rank 0's part of an evaluation_and_check: keep the measured record, then the triggers."""
-        self.record(self.keep(measured, step, epoch))
+        self.record(self.keep(measured, step, epoch, saved))
         if step:
             self.trigger = guardrails.check_triggers(self.history, self.baseline, self.cfg, self.run.verdicts())
         return self.trigger
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # step 0, measured before the Trainer existed; every integration has started its run by now (their
+        # callbacks come before this one)
+        self.ranks.on_rank0(self.report)
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
-        if step % self.cfg.eval_steps:
+        last = step >= state.max_steps  # the Trainer saves the last step (DefaultFlowCallback): evaluate it too
+        if step % self.cfg.eval_steps and not last:
             return
         # Every rank stops and saves together, as rank 0 decides (a rank left alone would wait forever).
         if self.ranks.on_rank0(self._evaluated, step):  # already evaluated before an interruption
             return
-        stop, save = self.measure_then(model, step, self._decide, step, state.epoch or 0.0)
+        stop, save = self.measure_then(model, step, self._decide, step, state.epoch or 0.0, last)
         control.should_training_stop |= stop
-        control.should_save |= save
+        control.should_save |= save or last
+        self.ranks.on_rank0(self.report)
 
     def _evaluated(self, step: int) -> bool:
         """Whether this step was evaluated before an interruption (the run resumed after it)."""
         return any(r["step"] == step for r in self.history)
 
-    def _decide(self, measured: tuple[dict, list, list], step: int, epoch: float) -> tuple[bool, bool]:
+    def _decide(self, measured: tuple[dict, list, list], step: int, epoch: float,
+                saved: bool = False) -> tuple[bool, bool]:
         """(stop, save) from a measured evaluation, once it is kept and the triggers are checked."""
-        stop = self.check(measured, step, epoch) and self.cfg.early_stopping
+        stop = self.check(measured, step, epoch, saved) and self.cfg.early_stopping
         if stop:
             self.stopped_by = self.trigger
         elif step:
@@ -366,15 +376,23 @@ class GuardrailCallback(TrainerCallback):
             return True, True
         return stop, False
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         # fp32/bf16 training only (no loss scaling here), so a non-finite training loss is real divergence
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self.trigger = guardrails.Trigger("non_finite_loss", state.global_step, {"loss": loss},
-                                              f"training loss became {loss} at step {state.global_step}")
-            # diverged weights do not recover: stopped even without early_stopping
-            self.loss_trigger = self.stopped_by = self.trigger
-            control.should_training_stop = True
+        if loss is None or math.isfinite(loss):
+            return
+        step = state.global_step
+        # This is the last step: evaluated (and saved, by the Trainer right after this log) here, because after
+        # training the integrations take no more logs.
+        if not self.ranks.on_rank0(self._evaluated, step):
+            self.measure_then(model, step, self.check, step, state.epoch or 0.0, True)
+            control.should_save = True
+            self.ranks.on_rank0(self.report)
+        self.trigger = guardrails.Trigger("non_finite_loss", step, {"loss": loss},
+                                          f"training loss became {loss} at step {step}")
+        # diverged weights do not recover: stopped even without early_stopping
+        self.loss_trigger = self.stopped_by = self.trigger
+        control.should_training_stop = True
 
 
 # ---------------------------------------------------------------- the run
@@ -480,10 +498,11 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             else:
                 ranks.on_rank0(callback.evaluate_and_check, model, 0, 0.0)
         guardrail_problems = ranks.on_rank0(guardrails_can_act, callback, cfg, trainable, log)
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tb")  # the Trainer's TensorBoardCallback reads it
         if trainable == 0:  # A0: evaluation only; its step-0 metrics are the study's baseline
             log(f"{cfg.variant_name}: nothing to train (llm_last=0, vit_last=0): evaluation-only baseline run")
+            ranks.on_rank0(report_without_trainer, callback, cfg, run.path, model)
         else:
-            os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tb")
             trainer = StudyTrainer(
                 model=model, args=training_arguments(cfg, run.path), train_dataset=train_data,
                 data_collator=collator, callbacks=[callback], towers=towers, run_cfg=cfg, prefix=callback.prefix)
@@ -505,9 +524,13 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             last = trainer.state.global_step
             if ranks.on_rank0(lambda: not any(r["step"] == last for r in callback.history)):
-                # the last step gets evaluated and saved too (save_model on every rank: the Trainer writes once)
+                # The callback evaluates the last step however training ends (max_steps, a trigger, a non-finite
+                # loss); should the Trainer ever end elsewhere, that step is still evaluated and saved
+                # (save_model on every rank: the Trainer writes once), for metrics.jsonl only.
                 trainer.save_model(str(run.path / "checkpoints" / f"checkpoint-{last}"))
                 final_evaluation(callback, model, last, trainer.state.epoch or 0.0)
+                log(f"WARNING {cfg.variant_name}: training ended at step {last} without the callback's evaluation; "
+                    "its guardrail record is in metrics.jsonl but reached no report_to integration")
         if not ranks.is_main:  # the rest is rank 0's: the summary
             return run.path
         history = callback.history
@@ -601,6 +624,26 @@ def guardrails_can_act(callback: GuardrailCallback, cfg: RunConfig, trainable: i
     return problems
 
 
+def report_without_trainer(callback: GuardrailCallback, cfg: RunConfig, run_path: Path, model) -> None:
+    """An evaluation-only run (A0) has no Trainer: its records go to the same report_to integrations through
+    their TrainerCallback events, as a Trainer would send them (a run begun, its logs at step 0, the run ended)."""
+    from transformers import TrainerControl, TrainerState
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    # (nothing is sharded: the arguments without deepspeed or FSDP, which need a launched multi-GPU run)
+    args = training_arguments(dataclasses.replace(cfg, deepspeed=None, fsdp=None, fsdp_config=None), run_path)
+    state, control = TrainerState(), TrainerControl()  # global_step 0, the main process
+    integrations = [cls() for cls in get_reporting_integration_callbacks(args.report_to)]
+    for integration in integrations:
+        integration.on_train_begin(args, state, control, model=model)
+    for record in callback.unreported:
+        for integration in integrations:
+            integration.on_log(args, state, control, logs=trainer_logs(record), model=model)
+    for integration in integrations:
+        integration.on_train_end(args, state, control, model=model)
+    callback.unreported = []
+
+
 def final_evaluation(callback: GuardrailCallback, model, step: int, epoch: float) -> None:
     """The evaluation of the last step, whose checkpoint train() has just saved (called on every rank)."""
     def keep(measured) -> None:
@@ -633,7 +676,8 @@ def training_arguments(cfg: RunConfig, run_path: Path) -> TrainingArguments:
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
         eval_strategy="no",  # the guardrail callback evaluates every eval_steps (one estimator for every loss)
         save_strategy="steps", save_steps=cfg.save_steps,
-        logging_steps=cfg.logging_steps, report_to=["tensorboard"], seed=cfg.seed, data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps, report_to=list(cfg.report_to), run_name=cfg.variant_name,
+        seed=cfg.seed, data_seed=cfg.seed,
         remove_unused_columns=False, dataloader_num_workers=0, label_names=["labels"],
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False, save_only_model=False,
         deepspeed=cfg.deepspeed, fsdp=cfg.fsdp or "", fsdp_config=cfg.fsdp_config,

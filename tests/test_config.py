@@ -404,9 +404,36 @@ def test_config_hash():
     h = config_hash(c2)
     assert len(h) == 12 and int(h, 16) >= 0
     assert h == config_hash(load_config([], {"llm_last": 2, "vit_last": 4}))  # same resolved params
-    assert h == config_hash(dataclasses.replace(c2, output_dir="elsewhere", overwrite=True))
+    assert h == config_hash(dataclasses.replace(c2, output_dir="elsewhere", overwrite=True, report_to=()))
     assert h != config_hash(dataclasses.replace(c2, learning_rate=2e-4))
     assert h != config_hash(load_config([PARAMS_DIR / "C2_restart.yaml"]))
+
+
+# ---- report_to: the Trainer's integrations, checked before any run folder is claimed (issue 20) ----
+
+
+def test_report_to_takes_the_trainers_integrations_that_are_installed(monkeypatch):
+    import transformers.integrations
+
+    assert RunConfig().report_to == ("tensorboard",)
+    for ok in ([], ["none"], ["tensorboard", "mlflow"]):  # mlflow is a dev dependency
+        assert load_config([], {"report_to": ok}).report_to == tuple(ok)
+    assert "report_to = [\"mlfow\"]" in config_error(overrides={"report_to": ["mlfow"]})
+    assert "Fix: write mlflow for mlfow" in config_error(overrides={"report_to": ["mlfow"]})
+    assert "Fix: remove nothing_like_it from report_to" in config_error(overrides={"report_to": ["nothing_like_it"]})
+    assert "Fix: name the integrations, e.g. report_to: [tensorboard, mlflow]" in \
+        config_error(overrides={"report_to": ["all"]})
+    assert "Fix: write report_to: [] for none" in config_error(overrides={"report_to": ["none", "mlflow"]})
+    assert "each integration once" in config_error(overrides={"report_to": ["tensorboard", "tensorboard"]})
+    # the Trainer's plain string is a list here, and the error says how to write it
+    assert "report_to = mlflow: expected a list of strings. Fix: write it like `report_to: [tensorboard]`" in \
+        config_error(overrides={"report_to": "mlflow"})
+    # a known integration that is not installed: refused with the package to install (transformers' own list of
+    # what is installed, here without mlflow)
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    error = config_error(overrides={"report_to": ["tensorboard", "mlflow"]})
+    assert "each installed here (installed: tensorboard)" in error
+    assert "Fix: pip install mlflow, or remove mlflow from report_to" in error
 
 
 # ---- property: anything at all gives a RunConfig or a ConfigError ------------------------------

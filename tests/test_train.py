@@ -41,15 +41,125 @@ def _lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+# ---------------------------------------------------------------- what the trackers received (issue 20)
+
+def tracker_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a run that reports to a local MLflow file store and to W&B offline, both under tmp_path."""
+    import os
+    return {**os.environ, "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true",
+            "MLFLOW_EXPERIMENT_NAME": "lora_kit", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+            "WANDB_PROJECT": "lora_kit", "WANDB_SILENT": "true"}
+
+
+def expected_logs(record: dict) -> dict[str, float]:
+    """Every guardrail number of a metrics.jsonl record under the key the Trainer's log gives it (`eval_` + the
+    name; a probe group's metric `eval_<probe>/<metric>`, a rate's n as `<key>_n`), written out from the record
+    itself: whatever the record holds must reach the trackers."""
+    import math
+    out = {}
+
+    def put(key, value):
+        if isinstance(value, dict):
+            put(f"{key}_n", value["n"])
+            value = value["rate"]
+        if value is not None and math.isfinite(value):
+            out[key] = value
+    for name in ("eval_loss", "train_loss", "gap", "general_loss", "task_exact_match"):
+        put("eval_" + name.removeprefix("eval_"), record[name])
+    for probe, values in record["probes"].items():
+        for name, value in values.items():
+            put(f"eval_{probe}/{name}", value)
+    put("eval_caption_mean_chrf_vs_baseline", (record.get("caption") or {}).get("mean_chrf_vs_baseline"))
+    for name in ("agreement_rate", "label_flip_rate", "mean_chrf"):
+        put(f"eval_crop_{name}", (record.get("crop") or {}).get(name))
+    return out
+
+
+def mlflow_history(tmp_path: Path, run_name: str) -> dict[str, dict[int, float]]:
+    """key -> {step: value} of the MLflow run named `run_name` in the file store of tracker_env."""
+    import os
+    from unittest import mock
+
+    from mlflow.tracking import MlflowClient
+    with mock.patch.dict(os.environ, {"MLFLOW_ALLOW_FILE_STORE": "true"}):
+        client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+        (run,) = client.search_runs([client.get_experiment_by_name("lora_kit").experiment_id],
+                                    filter_string=f"attributes.run_name = '{run_name}'")
+        return {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+                for key in run.data.metrics}
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of every TensorBoard event file under `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out: dict[str, dict[int, float]] = {}
+    for f in folder.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(f)).Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def wandb_offline_history(tmp_path: Path) -> dict[str, dict[int, float]]:
+    """key -> {train/global_step: value} of the one offline W&B run under tmp_path, read from its .wandb file: a
+    LevelDB-format log (7-byte file header, 32 KiB blocks of records with 7-byte headers) of wandb's protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    data, pos, chunks, out = path.read_bytes(), 7, b"", {}
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            if record.WhichOneof("record_type") == "history":
+                row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                for key, value in row.items():
+                    out.setdefault(key, {})[row["train/global_step"]] = value
+    return out
+
+
+def assert_reported(records: list[dict], received: dict[str, dict[int, float]], key=lambda k: k, rel=1e-9) -> None:
+    """Every guardrail number of every record, and nothing else under eval, at its record's step."""
+    expected: dict[str, dict[int, float]] = {}
+    for record in records:
+        for name, value in expected_logs(record).items():
+            expected.setdefault(key(name), {})[record["step"]] = value
+    got = {k: v for k, v in received.items() if k.startswith(key("eval_"))}
+    assert set(got) == set(expected), (sorted(set(got) ^ set(expected)))
+    for name, steps in expected.items():
+        assert got[name] == pytest.approx(steps, rel=rel), name
+
+
 def test_train_notebook_with_papermill_writes_a_complete_run_folder(toy_ckpt, mini_world, tmp_path):
-    params = tiny_params(toy_ckpt, mini_world, tmp_path)
+    # evaluations at 0, 3 and 4: the last step is no multiple of eval_steps, and is evaluated too
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, eval_steps=3, save_steps=3,
+                         report_to=["tensorboard", "mlflow", "wandb"])
     out = tmp_path / "out.ipynb"
     proc = subprocess.run(
         [sys.executable, "-m", "papermill", "train.ipynb", str(out), "-p", "params_file", str(params),
          "-p", "llm_last", "2", "-p", "vit_last", "4", "-p", "vit_lr", "0.004", "-k", "lora_kit"],
-        cwd=NOTEBOOKS_DIR, capture_output=True, text=True, timeout=900)
+        cwd=NOTEBOOKS_DIR, capture_output=True, text=True, timeout=900, env=tracker_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "C2"  # named after the study variant of 2 / 4
+    # Every guardrail number of every evaluation, per probe group with its n, reached each report_to integration
+    # at its step (issue 20): MLflow's file store, W&B offline, and the run's own TensorBoard folder
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 3, 4]
+    assert records[-1]["checkpoint"] == "checkpoints/checkpoint-4"
+    assert_reported(records, mlflow_history(tmp_path, "C2"))
+    assert_reported(records, wandb_offline_history(tmp_path), key=lambda k: k.replace("eval_", "eval/", 1))
+    assert_reported(records, tensorboard_scalars(run / "tb"), key=lambda k: k.replace("eval_", "eval/", 1), rel=1e-6)
+    assert not (run / "tb" / "guardrails").exists() and len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
+    assert records[0]["probes"]["task"]["irrelevant_pass"]["n"] == 4 == \
+        mlflow_history(tmp_path, "C2")["eval_task/irrelevant_pass_n"][0]
     # TensorBoard has each tower's learning rate under its parameter name (the Trainer logged only the first
     # optimizer group's, as `learning_rate`), at the schedule's value: cosine after 20% warmup of 4 steps
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -115,14 +225,19 @@ def test_train_notebook_with_papermill_writes_a_complete_run_folder(toy_ckpt, mi
 
 
 def test_cli_a0_is_an_evaluation_only_baseline(toy_ckpt, mini_world, tmp_path):
-    params = tiny_params(toy_ckpt, mini_world, tmp_path)
+    params = tiny_params(toy_ckpt, mini_world, tmp_path, report_to=["tensorboard", "mlflow"])
     proc = subprocess.run([sys.executable, "-m", "lora_kit", "train", "-f", str(params), "-f",
-                           str(REPO_ROOT / "params" / "A0.yaml")], capture_output=True, text=True, timeout=600)
+                           str(REPO_ROOT / "params" / "A0.yaml")], capture_output=True, text=True, timeout=600,
+                          env=tracker_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "A0"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["trainable_parameters"] == 0
     assert summary["steps"] == 0 and not (run / "checkpoints").exists()
+    # no Trainer, and still its step 0 in each report_to integration, as a trained run's
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert_reported(records, mlflow_history(tmp_path, "A0"))
+    assert_reported(records, tensorboard_scalars(run / "tb"), key=lambda k: k.replace("eval_", "eval/", 1), rel=1e-6)
     # a finished run is not overwritten unless asked
     again = subprocess.run([sys.executable, "-m", "lora_kit", "train", "-f", str(params), "-f",
                             str(REPO_ROOT / "params" / "A0.yaml")], capture_output=True, text=True, timeout=600)
