@@ -2,12 +2,14 @@
 
     stages: [{vit_last: 2, max_steps: 60}, {vit_last: 4}, {vit_last: 6}]   (RunConfig.stages)
 
-train() runs stage 1 like any variant and hands the later ones to `train_stages`. What a stage does:
+train() prepares the run as for any variant (stage 1's LoRA, the step-0 evaluation) and hands the stages to
+`train_stages`. What a stage does:
 - targets: the stage's llm_last / vit_last, a superset of the previous stage's (config.py refuses any other);
   LoRA is added to the new modules only (peft's `inject_adapter` on the run's PeftModel, restricted to them):
   the modules trained before keep their weights, the new ones start with B = 0, so the model at the stage's
   start is the previous stage's end. That is measured, not assumed: the eval loss right after the new modules
-  are attached must equal the previous stage's last evaluation within 1e-5 (relative), else the run fails.
+  are attached must equal the previous stage's last evaluation within 1e-5 (relative, float32; 1e-2 in
+  bfloat16), else the run fails.
   Targeting is verified against the stage's plan (targeting.verify_wrapped) at every stage.
 - optimizer: the same AdamW goes on, its state (moments, step count) kept for every parameter trained before;
   the new modules join it as new parameter groups at their tower's rate (learning_rate / vit_lr, the same
@@ -33,6 +35,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
 from transformers import TrainerCallback
 
 from . import guardrails
@@ -40,8 +43,10 @@ from .config import RunConfig, stage_targets
 from .errors import LoraKitError, TargetingError
 from .targeting import TargetPlan, Towers, build_regex, plan_targets, verify_wrapped
 
-STAGES_FILE = "stages.json"
-START_TOLERANCE = 1e-5  # relative: the eval loss at a stage's start against the previous stage's end
+# The eval loss at a stage's start against the previous stage's end, relative. In float32 the two agree to rounding
+# (the new modules add exactly 0); in bfloat16 (GPU) the rebuilt frozen-prefix cache batches the vision blocks
+# differently, which moves a mean loss by up to ~1e-3, so the bound there only catches a model that changed.
+START_TOLERANCE = {"float32": 1e-5, "other": 1e-2}
 SEED_STRIDE = 1000  # stage k's training seeds: seed + SEED_STRIDE * (k - 1)
 
 
@@ -87,7 +92,6 @@ def grow_lora(model, old: TargetPlan, new: TargetPlan, towers: Towers, modules_t
     trains (peft's injection marks only adapters trainable; modules_to_save are restored), and the new modules
     start with lora_B = 0. The adapter's config names the whole new plan afterwards (target_modules = its regex),
     so that a checkpoint saved from now on loads with exactly these modules. Verified against the plan."""
-    import torch
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
@@ -169,21 +173,6 @@ def _stage_triggers(callback, first: int, last: int) -> list[guardrails.Trigger]
     return held + ([loss] if loss is not None and first < loss.step <= last else [])
 
 
-def write_stages(run, stages: list[dict]) -> None:
-    from .rundir import write_json_atomic
-
-    write_json_atomic(run.path / STAGES_FILE, {"stages": stages})
-
-
-def read_stages(run_dir) -> list[dict]:
-    """stages.json's list of stages of a run folder ([] for an unstaged run)."""
-    import json
-    from pathlib import Path
-
-    path = Path(run_dir) / STAGES_FILE
-    return json.loads(path.read_text(encoding="utf-8")).get("stages", []) if path.is_file() else []
-
-
 def train_stages(plans: list[StagePlan], *, cfg: RunConfig, run, model, towers: Towers, modules_to_save,
                  callback, collator, train_data, evalset, encoder, log=print) -> dict:
     """Train the stages one after the other (see the module doc) on the model train() prepared for stage 1;
@@ -211,7 +200,8 @@ def train_stages(plans: list[StagePlan], *, cfg: RunConfig, run, model, towers: 
                               prefix=callback.prefix)
             end = next(r["eval_loss"] for r in reversed(callback.history) if r["step"] == offset)
             entry.update(start_eval_loss=start, previous_eval_loss=end)
-            if not abs(start - end) <= START_TOLERANCE * max(1.0, abs(end)):
+            fp32 = next(model.parameters()).dtype == torch.float32
+            if not abs(start - end) <= START_TOLERANCE["float32" if fp32 else "other"] * max(1.0, abs(end)):
                 raise LoraKitError(
                     f"stage {stage.number}: the eval loss with the new modules attached is {start:.6f}, the previous "
                     f"stage ended at {end:.6f}: the new LoRA modules changed the model (they must start at zero). "
@@ -220,6 +210,7 @@ def train_stages(plans: list[StagePlan], *, cfg: RunConfig, run, model, towers: 
             log(f"{cfg.variant_name}: stage {stage.number}: LoRA added to {len(entry['added_modules'])} modules "
                 f"({stage.plan.counts()} in all), eval loss {start:.4f} at its start = {end:.4f} at the end of "
                 f"stage {previous.number}")
+        entry["targeting_verified"] = True  # verify_wrapped: peft wraps exactly this stage's plan (attach_lora, grow_lora)
         entry["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         seed = seed_of(cfg, stage.number)
         trainer = StudyTrainer(
@@ -251,8 +242,8 @@ def train_stages(plans: list[StagePlan], *, cfg: RunConfig, run, model, towers: 
             stopped_by = callback.stopped_by or held[0]
             entry["outcome"] = "stopped"
             entry["why"] = (f"{stopped_by.key} held at step {stopped_by.step}: {stopped_by.message}"
-                            + (f" No stage after it ran ({len(plans) - stage.number} planned)."
-                               if stage.number < len(plans) else ""))
+                            + (f" Stages {stage.number + 1}-{len(plans)} were not run." if stage.number < len(plans) - 1
+                               else f" Stage {len(plans)} was not run." if stage.number < len(plans) else ""))
         else:
             ended = (callback.plateau["message"] if callback.plateau else
                      f"its budget of {stage.max_steps} steps was used")
@@ -260,7 +251,7 @@ def train_stages(plans: list[StagePlan], *, cfg: RunConfig, run, model, towers: 
             entry["why"] = (f"every guardrail held through steps {offset}-{last}; {ended}"
                             + ("" if stage.number == len(plans) else f"; stage {stage.number + 1} starts"))
         record.append(entry)
-        write_stages(run, record)
+        run.write_stages(record)
         log(f"{cfg.variant_name}: stage {stage.number} {entry['outcome']} at step {last}: {entry['why']}")
         previous, offset = stage, last
         if held:

@@ -27,13 +27,14 @@ def _stages_params(toy_ckpt, world, tmp_path, **extra):
 
 def test_stages_grow_from_the_previous_stage_and_a_guardrail_breach_stops_the_next(toy_ckpt, mini_world, tmp_path):
     from lora_kit.config import load_config
+    from lora_kit.rundir import RunFolder
     from lora_kit.train import train
 
     said = []
     run = train(load_config([_stages_params(toy_ckpt, mini_world, tmp_path)]), log=said.append)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    stages = json.loads((run / "stages.json").read_text(encoding="utf-8"))["stages"]
+    stages = RunFolder(run).stages()
     assert [m["step"] for m in metrics] == [0, 2, 4]  # one step axis across the stages; stage 3 never ran
 
     # stage 1 advanced: KL moved at step 2 but had not fired (patience 2); stage 2 was stopped by it at step 4
@@ -41,7 +42,7 @@ def test_stages_grow_from_the_previous_stage_and_a_guardrail_breach_stops_the_ne
         (1, 2, 0, 2, "advanced"), (2, 4, 2, 4, "stopped")]
     assert summary["first_bad_steps"]["kl_rise@general"] == 2 and stages[0]["triggers"] == []
     assert {t["name"] for t in stages[1]["triggers"]} == {"kl_rise"}
-    assert "kl_rise@" in stages[1]["why"] and "No stage after it ran (1 planned)" in stages[1]["why"]
+    assert "kl_rise@" in stages[1]["why"] and "Stage 3 was not run." in stages[1]["why"]
     assert summary["status"] == "stopped_early" and summary["stop_reason"] == "kl_rise"
     assert summary["stop_step"] == 4 and summary["stages"] == stages
     assert summary["vit_last"] == 4 and summary["targets"]["vit_blocks"] == [8, 9, 10, 11]
@@ -92,3 +93,23 @@ def test_stages_are_refused_unless_they_grow(toy_ckpt, mini_world, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config([params])
     assert "Fix: set llm_last: 0 and vit_last: 2" in str(err.value) and "Fix: set variant, e.g. P_vit" in str(err.value)
+
+
+def test_an_interrupted_staged_run_is_not_resumed(toy_ckpt, mini_world, tmp_path):
+    """A checkpoint does not say which stage's adapter, optimizer groups and schedule it holds: an unfinished
+    staged run with checkpoints is refused, with the fix, before the run folder is touched."""
+    from lora_kit.config import load_config
+    from lora_kit.errors import ConfigError
+    from lora_kit.train import train
+
+    run = tmp_path / "runs" / "P_test"
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}", encoding="utf-8")
+    params = _stages_params(toy_ckpt, mini_world, tmp_path)
+    cfg = load_config([params])
+    (run / "params.json").write_text(json.dumps({"config": cfg.to_dict()}), encoding="utf-8")  # the same values
+    (run / "summary.json").write_text(json.dumps({"variant": "P_test", "status": "running", "pid": 999999}),
+                                      encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"cannot resume from a checkpoint .* Fix: set overwrite: true"):
+        train(cfg, log=lambda *_: None)
+    assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["status"] == "running"
