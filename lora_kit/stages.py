@@ -21,9 +21,11 @@ train() prepares the run as for any variant (stage 1's LoRA, the step-0 evaluati
   (stage 1 draws them as an unstaged run with the same seed).
 - the end of a stage: its budget of steps, or the eval loss plateau (plateau_patience, counted within the
   stage), or a guardrail trigger (early_stopping) or a non-finite training loss. Its last step is evaluated
-  and saved. The next stage starts only when no trigger held at any evaluation of this stage; otherwise the
-  run stops there (status stopped_early), and its best checkpoint is chosen over every stage under the usual
-  constraint (guardrails.choose_best).
+  and saved. The next stage starts only when no trigger held at any evaluation of this stage (with
+  early_stopping false too: that only lets the stage train to its end); otherwise the run stops there (status
+  stopped_early), and its best checkpoint is chosen over every stage under the usual constraint
+  (guardrails.choose_best). The last stage, run to its budget, is completed with what it recorded, as an
+  unstaged run that reaches its last step.
 - the record: stages.json in the run folder (rewritten after every stage) and summary.json's `stages` list,
   one entry per stage run: targets, modules added, steps, start and end eval loss, trainable parameters,
   optimizer groups added, and the outcome (advanced / completed / stopped) with why.
@@ -238,12 +240,19 @@ def train_stages(plans: list[StagePlan], *, cfg: RunConfig, run, model, towers: 
         entry.update(end_step=last, steps=last - offset, end_eval_loss=end["eval_loss"],
                      plateau=callback.plateau, triggers=[t.as_dict() for t in held],
                      seconds=time.time() - t0)
-        if held:
+        # the last stage run to its budget is completed whatever it recorded, as an unstaged run reaching its
+        # last step is; a trigger in any earlier stage, or one that cut the last stage short, stops the run
+        cut_short = callback.stopped_by is not None and last < offset + stage.max_steps
+        if held and (stage.number < len(plans) or cut_short):
             stopped_by = callback.stopped_by or held[0]
             entry["outcome"] = "stopped"
             entry["why"] = (f"{stopped_by.key} held at step {stopped_by.step}: {stopped_by.message}"
                             + (f" Stages {stage.number + 1}-{len(plans)} were not run." if stage.number < len(plans) - 1
                                else f" Stage {len(plans)} was not run." if stage.number < len(plans) else ""))
+        elif held:
+            entry["outcome"] = "completed"
+            entry["why"] = (f"the last stage ran its {stage.max_steps} steps; {held[0].key} held at step "
+                            f"{held[0].step} (recorded: {held[0].message})")
         else:
             ended = (callback.plateau["message"] if callback.plateau else
                      f"its budget of {stage.max_steps} steps was used")
