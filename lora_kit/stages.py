@@ -254,7 +254,7 @@ def train_stages(plans: list[StagePlan], *, cfg: RunConfig, run, model, towers: 
             entry["why"] = (f"the last stage ran its {stage.max_steps} steps; {held[0].key} held at step "
                             f"{held[0].step} (recorded: {held[0].message})")
         else:
-            ended = (callback.plateau["message"] if callback.plateau else
+            ended = (callback.plateau["message"].rstrip(".") if callback.plateau else
                      f"its budget of {stage.max_steps} steps was used")
             entry["outcome"] = "completed" if stage.number == len(plans) else "advanced"
             entry["why"] = (f"every guardrail held through steps {offset}-{last}; {ended}"
