@@ -26,7 +26,8 @@ train() prepares the run as for any variant (stage 1's LoRA, the step-0 evaluati
   stopped_early), and its best checkpoint is chosen over every stage under the usual constraint
   (guardrails.choose_best). The last stage, run to its budget, is completed with what it recorded, as an
   unstaged run that reaches its last step.
-- the record: stages.json in the run folder (rewritten after every stage) and summary.json's `stages` list,
+- the record: stages.json in the run folder (rewritten as every stage starts and ends; outcome "running" while
+  one trains) and summary.json's `stages` list,
   one entry per stage run: targets, modules added, steps, start and end eval loss, trainable parameters,
   optimizer groups added, and the outcome (advanced / completed / stopped) with why.
 - resume: a staged run does not resume from a checkpoint (the checkpoint does not say which stage's adapter,
@@ -229,6 +230,7 @@ def train_stages(plans: list[StagePlan], *, cfg: RunConfig, run, model, towers: 
         log(f"{cfg.variant_name}: stage {stage.number} of {len(plans)}: LoRA on {len(stage.plan.modules)} modules "
             f"({stage.plan.counts()}), {entry['trainable_parameters']:,} parameters, up to {stage.max_steps} steps "
             f"from step {offset}")
+        run.write_stages(record + [{**entry, "outcome": "running"}])  # the stage under way, its start loss included
         trainer.train()
         last = trainer.state.global_step
         if not any(r["step"] == last for r in callback.history):  # the stage's last step, evaluated and saved
