@@ -49,6 +49,26 @@ STUDY_PRIORITY = ("A0", "A1", "A2", "B2", "B3", "C2", "C3")
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One stage of a progressive-unfreezing run (RunConfig.stages): its targets and its step budget.
+
+    A count left out (None) is the previous stage's, the first stage's the run's llm_last / vit_last; a
+    max_steps left out is the run's max_steps. Written in YAML as a mapping, e.g. `{vit_last: 4, max_steps: 60}`.
+    """
+
+    llm_last: int | None = None
+    vit_last: int | None = None
+    max_steps: int | None = None
+
+    def to_dict(self) -> dict[str, int]:
+        """The keys that were given, as the params file wrote them."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+STAGE_KEYS = tuple(f.name for f in dataclasses.fields(Stage))
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Every parameter of one run. Build it with `load_config`; direct construction is validated too."""
 
@@ -250,6 +270,15 @@ class RunConfig:
     (transformers' EarlyStoppingCallback on eval loss); 0 = train to max_steps or num_train_epochs."""
     plateau_threshold: float = 0.02
     """Relative eval-loss improvement that counts for plateau_patience (0.02 = 2% below the best)."""
+    stages: tuple[Stage, ...] = ()
+    """Progressive unfreezing: a list of stages run one after the other, each a mapping of llm_last, vit_last and
+    max_steps, e.g. [{vit_last: 2}, {vit_last: 4}, {vit_last: 6}]; [] = one stage with the run's targets. A stage
+    keeps the previous stage's adapter and optimizer state and adds LoRA (starting at zero) to the layers it adds,
+    at its tower's learning rate, with its own warmup and schedule over its max_steps (left out: the run's
+    max_steps; plateau_patience ends a stage early). The next stage starts only when no guardrail triggered
+    in the current one. A count left out is the previous stage's; the first stage's must be the run's
+    llm_last/vit_last, each later stage must add layers; needs an explicit variant name, one process, no
+    target_regex. The run folder's stages.json records each stage."""
 
     # ---- output and runtime ----
     output_dir: str | None = None
@@ -301,7 +330,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-ready dict of every parameter (lists, not tuples)."""
         return {
-            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            f.name: [x.to_dict() if isinstance(x, Stage) else x for x in v]
+            if isinstance(v := getattr(self, f.name), tuple) else v
             for f in dataclasses.fields(self)
         }
 
@@ -693,6 +723,8 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
         if isinstance(value, str) and value in choices:
             return value, None
         return None, "one of " + ", ".join(choices)
+    if origin is tuple and get_args(hint)[0] is Stage:
+        return _coerce_stages(value)
     if origin is tuple:
         if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
             return tuple(value), None
@@ -713,6 +745,25 @@ def _coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
     if hint is str:
         return (value, None) if isinstance(value, str) else (None, "a string")
     raise TypeError(f"RunConfig field type {hint!r} has no check")  # a bug in this file
+
+
+_STAGES_EXPECTED = ("a list of stages, each a mapping of " + ", ".join(STAGE_KEYS) + " to integers (e.g. "
+                    "[{vit_last: 2, max_steps: 60}, {vit_last: 4}])")
+
+
+def _coerce_stages(value: Any) -> tuple[Any, str | None]:
+    """(a tuple of Stage, None) from a list of mappings (or of Stage), or (None, what was expected)."""
+    if not isinstance(value, (list, tuple)):
+        return None, _STAGES_EXPECTED
+    out = []
+    for item in value:
+        if isinstance(item, Stage):
+            item = item.to_dict()
+        if not isinstance(item, Mapping) or not set(item) <= set(STAGE_KEYS) or any(
+                v is not None and (isinstance(v, bool) or not isinstance(v, int)) for v in item.values()):
+            return None, _STAGES_EXPECTED
+        out.append(Stage(**item))
+    return tuple(out), None
 
 
 def coerce_text(key: str, value: Any) -> Any:
@@ -754,6 +805,7 @@ def _type_problem(key: str, value: Any, expected: str, source: str, where: str =
 def _example(key: str) -> Any:
     default = next(f.default for f in dataclasses.fields(RunConfig) if f.name == key)
     examples = {"modules_to_save": ["merger"], "init_adapter": "path/to/adapter",
+                "stages": [{"vit_last": 2, "max_steps": 60}, {"vit_last": 4}],
                 "target_regex": r"model\.language_model\.layers\.(34|35)\..*_proj"}
     return examples.get(key, default) if default in (None, ()) else default
 
@@ -872,6 +924,7 @@ def _value_problems(c: dict[str, Any]) -> list[_Problem]:
             "set derived_from to the variant this one varies, e.g. A2, or null")
     if not _NAME.fullmatch(c["profile"]):
         bad(["profile"], "none or the name of a file in params/profiles/", "set profile: toy or profile: none")
+    out += _stage_problems(c)
 
     # freezing
     if c["freeze_llm"] and llm > 0:
@@ -978,6 +1031,80 @@ def _report_to_problem(report_to: tuple[str, ...]) -> tuple[str, str] | None:
         packages = " ".join(_INTEGRATION_PACKAGES.get(name, name) for name in missing)
         return expected, f"pip install {packages}, or remove {', '.join(missing)} from report_to"
     return None
+
+
+def stage_targets(c: Mapping[str, Any]) -> list[tuple[int, int, int]]:
+    """(llm_last, vit_last, max_steps) of each stage of a run's parameters (RunConfig or its dict), with what a
+    stage leaves out filled in (see Stage)."""
+    get = (lambda k: c[k]) if isinstance(c, Mapping) else (lambda k: getattr(c, k))
+    llm, vit, out = get("llm_last"), get("vit_last"), []
+    for stage in get("stages"):
+        llm = stage.llm_last if stage.llm_last is not None else llm
+        vit = stage.vit_last if stage.vit_last is not None else vit
+        out.append((llm, vit, stage.max_steps if stage.max_steps is not None else get("max_steps")))
+    return out
+
+
+def _stage_problems(c: dict[str, Any]) -> list[_Problem]:
+    """What a progressive-unfreezing run (stages) cannot honour: targets that do not grow, no step budget, or a
+    setting the stage loop does not support."""
+    out: list[_Problem] = []
+    if not c["stages"]:
+        return out
+
+    def bad(params: Sequence[str], what: str, expected: str, fix: str) -> None:
+        out.append(_Problem(what, expected, fix, tuple(params)))
+
+    shown = _show([s.to_dict() for s in c["stages"]], 120)
+    for i, stage in enumerate(c["stages"], 1):
+        for key, low in (("llm_last", 0), ("vit_last", 0), ("max_steps", 1)):
+            value = getattr(stage, key)
+            if value is not None and value < low:
+                bad(["stages"], f"stages = {shown}", f"stage {i}'s {key} an integer >= {low}",
+                    f"set stage {i}'s {key} to {low} or more, or leave it out")
+    if out:
+        return out
+    previous = None
+    for i, (llm, vit, steps) in enumerate(stage_targets(c), 1):
+        if i == 1 and (llm, vit) != (c["llm_last"], c["vit_last"]):
+            bad(["stages", "llm_last", "vit_last"],
+                f"llm_last = {c['llm_last']}, vit_last = {c['vit_last']} and stage 1 = llm_last {llm}, vit_last {vit}",
+                "the first stage's targets to be the run's llm_last / vit_last (the run starts from them: its "
+                "name, params.json and the step-0 evaluation)",
+                f"set llm_last: {llm} and vit_last: {vit} (or leave them out of the first stage)")
+        if previous is not None and (llm < previous[0] or vit < previous[1]):
+            bad(["stages"], f"stages = {shown}",
+                f"each stage a superset of the previous one: stage {i} (llm_last {llm}, vit_last {vit}) drops "
+                f"layers of stage {i - 1} (llm_last {previous[0]}, vit_last {previous[1]}); a stage keeps every "
+                "adapter trained before it",
+                "list the stages with llm_last and vit_last never decreasing")
+        elif previous is not None and (llm, vit) == previous:
+            bad(["stages"], f"stages = {shown}",
+                f"each stage adding layers: stage {i} has stage {i - 1}'s targets (llm_last {llm}, vit_last {vit})",
+                f"raise stage {i}'s llm_last or vit_last, or merge it into stage {i - 1} (a longer max_steps)")
+        if steps < 1:
+            bad(["stages", "max_steps"], f"stages = {shown} and max_steps = {c['max_steps']}",
+                f"a step budget for stage {i}: its max_steps, or the run's max_steps >= 1 (num_train_epochs does "
+                "not split into stages)", f"give stage {i} max_steps: N, or set max_steps: N (every stage's budget)")
+        if c["freeze_llm"] and llm > 0 or c["freeze_vit"] and vit > 0:
+            tower = "llm" if c["freeze_llm"] and llm > 0 else "vit"
+            bad(["stages", f"freeze_{tower}"], f"stages = {shown} and freeze_{tower} = true",
+                f"{tower}_last = 0 in every stage while that tower is frozen",
+                f"set freeze_{tower}: false, or {tower}_last: 0 in every stage")
+        previous = (llm, vit)
+    if c["target_regex"] is not None:
+        bad(["stages", "target_regex"], "stages and target_regex both set",
+            "stages of llm_last / vit_last (a stage grows the last-N targets of the one before)",
+            "set target_regex: null and give the targets in the stages")
+    if c["nproc"] > 1 or c["deepspeed"] is not None or c["fsdp"] is not None:
+        bad(["stages", "nproc", "deepspeed", "fsdp"], "stages with several processes or sharded weights",
+            "one process (DDP, FSDP and ZeRO register the trained parameters when they wrap the model, so a "
+            "stage could not add LoRA after it)", "set nproc: 1, deepspeed: null and fsdp: null for a staged run")
+    if c["variant"] is None or c["variant"] in STUDY_VARIANTS:
+        bad(["stages", "variant"], f"variant = {_show(c['variant'])} with stages",
+            "an explicit variant name that is not a study name (a staged run is none of the study's "
+            "fixed-target variants, and its run folder is named by it)", "set variant, e.g. P_vit")
+    return out
 
 
 def _file_format_problem(name: str, path: Path) -> str | None:

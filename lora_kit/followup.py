@@ -23,7 +23,6 @@ summary older than a run folder (a run finished, resumed or started since), with
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import textwrap
 import time
@@ -299,9 +298,6 @@ def write_next(summary_dir=None, out=None, runs_root=None, *, overwrite: bool = 
         paths[v.name] = target / f"{v.name}.yaml"
         paths[v.name].write_text(render(v, folder / "frontier.csv", rows[v.winner], target), encoding="utf-8")
         text.append(f"  {v.name}.yaml: {v.why}")
-    if "stages" not in {f.name for f in dataclasses.fields(RunConfig)} and any(v.stages for v in variants):
-        text.append("  note: the *_progressive files use `stages`, which this lora_kit's RunConfig does not know yet "
-                    "(issue 21 item 1): the matrix refuses them until it does; run the others by name meanwhile")
     text += [f"Not written: {s}" for s in skipped]
     text.append(f"Run it (with the study's -f files and --set values): python -m lora_kit matrix --params-dir "
                 f"{target}" + (f" --runs-root {runs_root}" if runs_root.resolve() != runs_dir(None).resolve() else "") +

@@ -27,21 +27,21 @@ from .paths import outputs_dir, runs_dir
 from .rundir import RunFolder, read_jsonl_records
 from .scoring import wilson_interval
 from .setups import setup_differences, setup_id, setup_label, setup_of
-from .views import flatten_record, in_notebook, metrics_frame
+from .views import flatten_record, in_notebook, metrics_frame, stage_boundaries, stage_line
 
 FINISHED = ("completed", "stopped_early")
 # Two runs compare footprints only when everything else that shapes training is equal.
-CONTROLS = ("model", "lora_rank", "learning_rate", "vit_lr")
+CONTROLS = ("model", "lora_rank", "learning_rate", "vit_lr", "stages")  # a staged run is no fixed-target cell
 RUN_COLUMNS = [
     "variant", "llm_last", "vit_last", "model", "lora_rank", "learning_rate", "vit_lr", "seed", "status", "stop_reason",
     "stop_probe", "stop_step", "n_llm_modules", "n_vit_modules", "trainable_parameters", "best_step",
     "best_checkpoint", "best_eval_loss", "feasible", "guardrail_probes", "first_moved", "wall_seconds",
-    "eval_share", "steps", "run_dir", "setup", "setup_label", "derived_from", "stages"]
+    "eval_share", "steps", "stages", "stage_outcomes", "run_dir", "setup", "setup_label", "derived_from"]
 _NOT_METRICS = ("step", "epoch", "eval_loss", "checkpoint", "eval_seconds")  # in the record, not guardrails
 LOSS_TOLERANCE = 0.02  # relative: two losses within 2% of each other are the same (hypothesis_verdicts)
 _TEXT_COLUMNS = ("variant", "model", "status", "stop_reason", "stop_probe", "best_checkpoint", "feasible",
                  "guardrail_probes", "first_moved", "run_dir", "caption_disagree_steps", "setup", "setup_label",
-                 "derived_from", "stages")
+                 "derived_from", "stages", "stage_outcomes")
 
 
 def study_probes(df: pd.DataFrame) -> list[str]:
@@ -131,6 +131,8 @@ def _run_row(folder: Path) -> dict:
         "best_eval_loss": loss, "feasible": feasible,
         "wall_seconds": timings.get("wall_seconds"), "eval_share": timings.get("eval_share"),
         "steps": summary.get("steps"), "run_dir": str(folder),
+        # progressive unfreezing: what each stage did (targets, steps, outcome; "" unstaged)
+        "stage_outcomes": stage_line(summary),
         "setup": setup_id(setup), "setup_label": setup_label(setup),
         "derived_from": cfg.get("derived_from"),  # the variant a follow-up run varies (lora_kit next)
         "stages": json.dumps(cfg["stages"]) if cfg.get("stages") else None,  # a progressive-unfreezing run
@@ -524,6 +526,8 @@ def plot_curves(runs, metrics=None):
             if m not in mf or mf[m].isna().all():
                 continue
             ax.plot(mf["step"], mf[m], marker=".", c=colours[variant], label=variant)
+            for step, _ in stage_boundaries(summary):  # a staged run: where each later stage began
+                ax.axvline(step, c=colours[variant], ls="--", lw=0.8, alpha=0.7)
             for step, marker, size in ((summary.get("stop_step"), "X", 80),
                                        ((summary.get("best") or {}).get("step"), "*", 120)):
                 at = mf[mf["step"] == step]
@@ -535,6 +539,8 @@ def plot_curves(runs, metrics=None):
     handles = [Line2D([], [], c=c, marker=".", label=v) for v, c in colours.items()]
     handles += [Line2D([], [], marker="X", ls="", c="0.5", mec="k", label="guardrail stop"),
                 Line2D([], [], marker="*", ls="", c="0.5", mec="k", ms=10, label="best checkpoint")]
+    if any(stage_boundaries(summary) for _, summary in curves.values()):
+        handles.append(Line2D([], [], ls="--", c="0.5", label="next stage begins"))
     fig.legend(handles=handles, loc="center right", fontsize=8)
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     return fig

@@ -1,7 +1,7 @@
 """A run folder and its files: written atomically or append-only, locked against a second writer.
 
     outputs/runs/<variant>/params.json, metrics.jsonl, summary.json, checkpoints/, tb/, samples/,
-    spotcheck.jsonl, .lock
+    spotcheck.jsonl, stages.json (a progressive-unfreezing run), .lock
 
 A reader never sees half a file: JSON files are replaced atomically (write to a temporary file in the
 same folder, fsync, rename), metrics.jsonl and spotcheck.jsonl only ever get whole lines appended.
@@ -230,6 +230,14 @@ class RunFolder:
             raise DataError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it, or delete the "
                             "run folder and run the variant again")
         return data
+
+    def write_stages(self, stages: list[dict]) -> None:
+        """A progressive-unfreezing run's record of its stages so far (stages.py), replaced after every stage."""
+        write_json_atomic(self.path / "stages.json", {"stages": stages})
+
+    def stages(self) -> list[dict]:
+        """The stages a progressive-unfreezing run has run (stages.json), [] for any other run."""
+        return (self._read_json("stages.json") or {}).get("stages", [])
 
     def read_metrics(self) -> list[dict]:
         """Metrics of evaluations that a resume keeps: those up to the last checkpoint (or step 0)."""

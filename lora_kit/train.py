@@ -257,6 +257,7 @@ class GuardrailCallback(TrainerCallback):
         self.loss_trigger: guardrails.Trigger | None = None  # the training loss turned non-finite (on_log)
         self.stopped_by: guardrails.Trigger | None = None  # the trigger that stopped training, if one did
         self.plateau: dict | None = None  # guardrails.eval_loss_plateau, when it ended the run
+        self.plateau_from = 0  # the plateau counts the evaluations from this step on (a stage's first, stages.py)
         self.eval_seconds = 0.0
         self.eval_parts: dict[str, float] = {}  # seconds per part of the evaluations (losses, benchmark, ...)
         self.unreported: list[dict] = []  # records not yet given to the Trainer's log (report)
@@ -367,8 +368,8 @@ class GuardrailCallback(TrainerCallback):
         if stop:
             self.stopped_by = self.trigger
         elif step:
-            self.plateau = guardrails.eval_loss_plateau(self.history, self.cfg.plateau_patience,
-                                                        self.cfg.plateau_threshold)
+            self.plateau = guardrails.eval_loss_plateau([r for r in self.history if r["step"] >= self.plateau_from],
+                                                        self.cfg.plateau_patience, self.cfg.plateau_threshold)
             stop = self.plateau is not None
         if stop and not self.history[-1]["checkpoint"]:  # keep the checkpoint of the step that ended the run
             self.history[-1]["checkpoint"] = f"checkpoints/checkpoint-{step}"
@@ -446,6 +447,17 @@ def train(cfg: RunConfig, *, log=print) -> Path:
     # data line or resume leaves no failed run behind.
     inputs = resolve_inputs(cfg, run, log=log)
     towers, plan, files, evalset = inputs.towers, inputs.plan, inputs.files, inputs.evalset
+    stage_plans = None
+    if cfg.stages:  # progressive unfreezing (stages.py): every stage planned and checked before the folder is claimed
+        from . import stages
+
+        stage_plans = stages.stage_plans(cfg, towers)
+        if inputs.resume.kind == "resume" and inputs.resume.checkpoint is not None:
+            raise ConfigError(
+                f"{run.path} holds an unfinished staged run (stages) with checkpoints up to "
+                f"{inputs.resume.checkpoint.name}; a staged run cannot resume from a checkpoint (it does not say which "
+                "stage's adapter, optimizer groups and schedule it holds). Fix: set overwrite: true to run it again "
+                "from step 0, or choose another variant name.")
     # refuses a completed run or a live second process; starts over with overwrite, or with nothing to resume
     ranks.on_rank0(run.claim, overwrite=cfg.overwrite or inputs.resume.kind == "overwrite")
     try:
@@ -475,6 +487,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             "augmentation": {"kind": cfg.augmentation, "strength": cfg.augment_strength},
             "setup": describe_setup(cfg, model_path, files),  # what a comparable run (an A0 baseline) shares
         }
+        if stage_plans:  # "targets" and "optimizer_groups" are stage 1's; stages.json adds each later stage's
+            params["stages"] = [s.describe() for s in stage_plans]
         if inputs.resume.kind == "resume":  # params.json stays as the run began (resume_decision compared them)
             if inputs.resume.params.get("code") != params["code"]:
                 log(f"{cfg.variant_name}: the kit's code changed since this run began ({inputs.resume.params.get('code')}"
@@ -499,9 +513,16 @@ def train(cfg: RunConfig, *, log=print) -> Path:
                 ranks.on_rank0(callback.evaluate_and_check, model, 0, 0.0)
         guardrail_problems = ranks.on_rank0(guardrails_can_act, callback, cfg, trainable, log)
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.path / "tb")  # the Trainer's TensorBoardCallback reads it
+        staged = None
         if trainable == 0:  # A0: evaluation only; its step-0 metrics are the study's baseline
             log(f"{cfg.variant_name}: nothing to train (llm_last=0, vit_last=0): evaluation-only baseline run")
             ranks.on_rank0(report_without_trainer, callback, cfg, run.path, model)
+        elif stage_plans:
+            staged = stages.train_stages(
+                stage_plans, cfg=cfg, run=run, model=model, towers=towers, modules_to_save=inputs.modules_to_save,
+                callback=callback, collator=collator, train_data=train_data, evalset=evalset, encoder=encoder, log=log)
+            trainer, last, plan = staged["trainer"], staged["last"], staged["plan"]
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         else:
             trainer = StudyTrainer(
                 model=model, args=training_arguments(cfg, run.path), train_dataset=train_data,
@@ -540,6 +561,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
         # stopped early = a trigger ended training before its last step; a run that reached it is completed,
         # whatever triggers it recorded on the way (early_stopping: false, or one firing at the last step)
         trig = callback.stopped_by if trainer is not None and last < trainer.state.max_steps else None
+        if staged is not None:  # stopped early = a trigger held in a stage: no stage ran after it
+            trig = staged["stopped_by"]
         status = "stopped_early" if trig else "completed"
         # from the records, so that a resumed run lists the triggers of its evaluations before the interruption too
         triggers = guardrails.recorded_triggers(history, callback.baseline, cfg, run.verdicts())
@@ -569,6 +592,8 @@ def train(cfg: RunConfig, *, log=print) -> Path:
             "fast_path": callback.prefix.stats() if callback.prefix else None,
             "image_cache": callback.images.stats() if callback.images else None,
         }
+        if staged is not None:  # each stage: targets, steps, start and end eval loss, why it advanced or stopped
+            summary["stages"] = staged["stages"]
         run.finish(summary)
         log(f"{cfg.variant_name}: {status}" + (f" ({trig.name} at step {trig.step})" if trig else "")
             + (f", {len(triggers)} trigger(s) recorded without stopping" if triggers and not trig else "")
@@ -664,9 +689,10 @@ def check_sharded_checkpoints(trainer) -> None:
                           "fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config).")
 
 
-def training_arguments(cfg: RunConfig, run_path: Path) -> TrainingArguments:
-    """The Trainer's arguments, named as in the config (which uses the Hugging Face names)."""
-    return TrainingArguments(
+def training_arguments(cfg: RunConfig, run_path: Path, **overrides) -> TrainingArguments:
+    """The Trainer's arguments, named as in the config (which uses the Hugging Face names); `overrides` replace
+    some (a stage's max_steps and seeds, stages.py)."""
+    return TrainingArguments(**{**dict(
         output_dir=str(run_path / "checkpoints"),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
@@ -681,4 +707,4 @@ def training_arguments(cfg: RunConfig, run_path: Path) -> TrainingArguments:
         remove_unused_columns=False, dataloader_num_workers=0, label_names=["labels"],
         use_cpu=not torch.cuda.is_available(), disable_tqdm=False, save_only_model=False,
         deepspeed=cfg.deepspeed, fsdp=cfg.fsdp or "", fsdp_config=cfg.fsdp_config,
-    )
+    ), **overrides})

@@ -128,14 +128,45 @@ def plot_run(run_dir: str | Path):
     ax.set(title="generalization gap", xlabel="step")
     ax.legend(fontsize=7)
     stop = summary.get("stop_step")
+    boundaries = stage_boundaries(summary)
     for ax in axes:
         if stop is not None:
             ax.axvline(stop, c="k", lw=1, alpha=0.6)
+        for step, label in boundaries:  # progressive unfreezing: where each later stage began
+            ax.axvline(step, c="tab:purple", ls="--", lw=1, alpha=0.7)
+            ax.annotate(label, (step, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="tab:purple")
     fig.suptitle(f"{summary['variant']}: {summary['status']}"
-                 + (f" ({summary['stop_reason']} at step {stop})" if stop is not None else ""))
+                 + (f" ({summary['stop_reason']} at step {stop})" if stop is not None else "")
+                 + (f"; stages: {stage_line(summary)}" if summary.get("stages") else ""))
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=100)
     return fig
+
+
+def stage_boundaries(summary: dict) -> list[tuple[int, str]]:
+    """(step, label) where each stage after the first began, from summary.json's `stages` ([] unstaged)."""
+    return [(s["start_step"], f"stage {s['stage']}: {_targets(s)}") for s in summary.get("stages") or []
+            if s["stage"] > 1]
+
+
+def _targets(stage: dict) -> str:
+    return f"L{stage['llm_last']}/V{stage['vit_last']}"
+
+
+def stage_line(summary: dict) -> str:
+    """One line of a staged run's stages: targets, steps and outcome each, e.g. `1 L0/V2 steps 0-40 advanced;
+    2 L0/V4 steps 40-60 stopped (kl_rise@general at step 60)`; '' for an unstaged run."""
+    parts = []
+    for s in summary.get("stages") or []:
+        why = ""
+        if s.get("outcome") == "stopped" and s.get("triggers"):
+            t = s["triggers"][0]
+            why = f" ({t['name']}{'@' + t['probe'] if t.get('probe') else ''} at step {t['step']})"
+        elif s.get("plateau"):
+            why = " (plateau)"
+        parts.append(f"{s['stage']} {_targets(s)} steps {s['start_step']}-{s.get('end_step')} {s.get('outcome')}{why}")
+    return "; ".join(parts)
 
 
 def show_run(run_dir: str | Path) -> pd.DataFrame:
@@ -153,6 +184,9 @@ def show_run(run_dir: str | Path) -> pd.DataFrame:
         print(f"WARNING: {problem['message']}")
     print(f"baseline: {summary.get('baseline_source')}; guardrails watch the probe groups "
           f"{', '.join(summary.get('guardrail_probes') or []) or 'of the benchmark'}")
+    for stage in summary.get("stages") or []:  # progressive unfreezing: each stage and why it advanced or stopped
+        print(f"stage {stage['stage']} ({_targets(stage)}, steps {stage['start_step']}-{stage.get('end_step')}): "
+              f"{stage.get('outcome')}: {stage.get('why')}")
     print(f"best checkpoint: {best.get('checkpoint')} ({best.get('reason')})")
     df = metrics_frame(run_dir)
     cols = ["step"] + [c for c in df.columns if c.split("@")[0] in {m.name for m in shown("run")}

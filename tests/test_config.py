@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -309,15 +310,35 @@ def test_restart_baseline_file():
 
 def test_variant_files_hold_only_their_differences():
     files = sorted(PARAMS_DIR.glob("*.yaml"))
-    assert {p.stem for p in files} == {*STUDY_VARIANTS, "C2_restart", "defaults"}
+    assert {p.stem for p in files} == {*STUDY_VARIANTS, "C2_restart", "P_vit", "defaults"}
     for path in files:
         if path.stem == "defaults":
             continue
         text = path.read_text("utf-8")
         assert text.startswith("# "), f"{path.name} should open with a comment saying what it is for"
         keys = set(yaml.safe_load(text))
-        assert keys == {"variant", "llm_last", "vit_last"} | ({"model"} if path.stem == "C2_restart" else set())
+        extra = {"C2_restart": {"model"}, "P_vit": {"stages"}}.get(path.stem, set())
+        assert keys == {"variant", "llm_last", "vit_last"} | extra
     assert set(STUDY_PRIORITY) <= set(STUDY_VARIANTS) and STUDY_PRIORITY[0] == "A0"
+
+
+def test_progressive_unfreezing_file_grows_the_vision_tower_2_4_6():
+    from lora_kit.config import stage_targets
+
+    cfg = load_config([PARAMS_DIR / "P_vit.yaml"])
+    assert (cfg.variant, cfg.llm_last, cfg.vit_last) == ("P_vit", 0, 2)
+    assert stage_targets(cfg) == [(0, 2, 100), (0, 4, 100), (0, 6, 100)]
+    # a stage's left-out count is the previous stage's; a left-out budget is the run's max_steps
+    cfg = load_config([], {"variant": "P", "llm_last": 2, "vit_last": 2, "max_steps": 30,
+                           "stages": [{}, {"vit_last": 4, "max_steps": 10}, {"llm_last": 4}]})
+    assert stage_targets(cfg) == [(2, 2, 30), (2, 4, 10), (4, 4, 30)]
+    assert cfg.to_dict()["stages"] == [{}, {"vit_last": 4, "max_steps": 10}, {"llm_last": 4}]
+    for bad, says in (({"target_regex": "x"}, "target_regex: null"), ({"nproc": 2}, "set nproc: 1"),
+                      ({"stages": [{}, {"vit_last": 4, "max_steps": 0}]}, "stage 2's max_steps an integer >= 1"),
+                      ({"stages": [{"vit_lr": 1}]}, "a list of stages, each a mapping of llm_last, vit_last"),
+                      ({"freeze_vit": True, "vit_last": 0, "stages": [{}, {"vit_last": 2}]}, "set freeze_vit: false")):
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_config([], {"variant": "P", "vit_last": 2, "stages": [{}, {"vit_last": 4}], **bad})
 
 
 def test_variant_derivation():
