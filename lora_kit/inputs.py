@@ -72,7 +72,7 @@ def data_files(cfg: RunConfig) -> dict[str, Path]:
                               "set them in the variant file or with --set.")
         defaults = toy_files(toy[0]) if toy else toy_files(world=Path(cfg.model).parent / "world")
         files = {k: Path(v) if v is not None else defaults[k] for k, v in files.items()}
-    return {k: Path(v) for k, v in files.items()}
+    return {k: Path(v).absolute() for k, v in files.items()}  # as resolve_model: where they were, in params.json
 
 
 def adapter_how(check: AdapterCheck | None, plan: TargetPlan, modules_to_save: dict[str, str]) -> str:
@@ -202,7 +202,7 @@ def resolve_inputs(cfg: RunConfig, run: RunFolder, *, log=print) -> RunInputs:
     from .families import family_of_config, load_processor
     from .toy import resolve_model
 
-    model_path = resolve_model(cfg.model)
+    model_path = resolve_model(cfg.model)  # absolute: params.json records where it was
     # The meta model (config.json only) serves every check that needs names and shapes: bad layer counts,
     # regexes, modules_to_save and adapters are refused before any weight is read; so is a family the kit
     # cannot train (naming what is missing), and a processor that does not fit the config.

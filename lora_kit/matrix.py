@@ -230,7 +230,7 @@ def run_job(job: Job, runs_root: Path, *, slot: int = 0, pin_gpu: bool = True, p
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     t0 = time.time()
     log(f"[{job.variant}] started" + (f" on GPU {slot % gpus}" if gpus else ""))
-    with open(folder / "papermill.log", "w") as out:
+    with open(folder / "papermill.log", "w", encoding="utf-8") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     status = run_status(runs_root, job.variant)
     if proc.returncode != 0 and status not in ("failed",):

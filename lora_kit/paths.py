@@ -58,10 +58,11 @@ def notebooks_dir() -> Path:
 
 
 def notebook_cwd(notebook: str | Path) -> Path:
-    """papermill's working folder for `notebook`: its own folder when that belongs to a study folder (as in the
-    clone: notebooks/), else the current folder, so that the kernel finds the same study folder as its caller."""
-    folder = Path(notebook).absolute().parent
-    return folder if _is_study(folder.parent) else Path.cwd()
+    """papermill's working folder for `notebook` run by the matrix or the demo: the caller's current folder, so that
+    a relative path given there (`-f params/my_4b.yaml`, `--set model=models/x`, data files) means in the kernel
+    what the matrix checked before starting it, and the kernel finds the same study folder as its caller. (The
+    notebook's own folder would resolve them against notebooks/, or inside site-packages for the kit's own copy.)"""
+    return Path.cwd()
 
 
 def outputs_dir() -> Path:

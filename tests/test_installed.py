@@ -46,11 +46,11 @@ def test_a_study_folder_is_found_from_below_and_holds_its_own_params_and_outputs
     monkeypatch.chdir(study / "notebooks")  # where papermill and Jupyter run the study's notebooks
     assert paths.study_root() == study and paths.params_dir() == study / "params"
     assert paths.outputs_dir() == study / "outputs" and paths.notebooks_dir() == study / "notebooks"
-    assert paths.notebook_cwd(study / "notebooks" / "train.ipynb") == study / "notebooks"
     # the study's own profile is the one merged, not the kit's
     (study / "params" / "profiles" / "toy.yaml").write_text("learning_rate: 7.0e-4\n", encoding="utf-8")
     assert load_config([]).learning_rate == 7e-4
-    # a notebook that is not a study's own runs in the caller's folder, so its kernel finds the same study
+    # a notebook runs in the caller's folder (the matrix's relative paths mean the same there), so its kernel finds
+    # the same study
     assert paths.notebook_cwd(tmp_path / "elsewhere" / "train.ipynb") == study / "notebooks"
     monkeypatch.setenv("LORA_KIT_OUTPUTS", "rel_out")  # made absolute: a child with another cwd agrees
     assert paths.outputs_dir() == study / "notebooks" / "rel_out"

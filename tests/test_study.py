@@ -1,9 +1,12 @@
 """The study on real (tiny) toy runs: the matrix writes run folders through papermill, summary.ipynb reads them."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,9 +24,21 @@ def study(toy_ckpt, mini_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("study")
     params = tiny_params(toy_ckpt, mini_world, tmp, max_steps=4)
     overrides = {k: v for k, v in json.loads(params.read_text()).items() if k != "output_dir"}
-    jobs = plan_jobs(["A1", "C2"], overrides=overrides)
-    statuses = run_matrix(jobs, runs_root=tmp / "runs", log=lambda *_: None)
+    # the model given relative to the caller's folder, as on a command line: the kernel must read it the same way
+    overrides["model"] = toy_ckpt.name
+    with _in(toy_ckpt.parent):
+        statuses = run_matrix(plan_jobs(["A1", "C2"], overrides=overrides), runs_root=tmp / "runs", log=lambda *_: None)
     return tmp, statuses, overrides
+
+
+@contextlib.contextmanager
+def _in(folder):
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def test_matrix_runs_every_variant_and_keeps_the_executed_notebook(study):
@@ -34,8 +49,11 @@ def test_matrix_runs_every_variant_and_keeps_the_executed_notebook(study):
         nb = json.loads((tmp / "runs" / v / "train.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"])  # the executed copy, with its outputs
     # a second matrix run of the same jobs skips them all (other parameters would be refused: test_matrix)
-    again = run_matrix(plan_jobs(["A1", "C2"], overrides=overrides), runs_root=tmp / "runs", log=lambda *_: None)
+    with _in(Path(json.loads((tmp / "runs" / "A1" / "params.json").read_text())["model_path"]).parent):
+        again = run_matrix(plan_jobs(["A1", "C2"], overrides=overrides), runs_root=tmp / "runs", log=lambda *_: None)
     assert again == statuses
+    # the run recorded where its model was, whatever folder the matrix ran in
+    assert Path(json.loads((tmp / "runs" / "A1" / "params.json").read_text())["model_path"]).is_absolute()
 
 
 def test_summary_notebook_on_real_runs(study):

@@ -87,7 +87,8 @@ def init_dir(build: ToyBuild = DEFAULT) -> Path:
 
 
 def resolve_model(model: str, *, weights: bool = True, build: ToyBuild = DEFAULT) -> Path:
-    """The checkpoint folder for `model`: 'toy' (stage 3), 'toy-stage2', or a folder path.
+    """The checkpoint folder for `model`, absolute: 'toy' (stage 3), 'toy-stage2', or a folder path (relative to the
+    current folder), so that a run records where its model was and two spellings of one folder compare equal.
 
     With weights=False (planning targets) the toy's structure is enough, so an unbuilt toy resolves to
     its randomly initialised checkpoint, which has the same modules, instead of pretraining it first.
@@ -107,7 +108,7 @@ def resolve_model(model: str, *, weights: bool = True, build: ToyBuild = DEFAULT
         from ..errors import ConfigError
 
         raise ConfigError(f"model={model!r}: no such folder; give a local checkpoint folder or 'toy'.")
-    return path
+    return path.absolute()
 
 
 def build_toy(*, build: ToyBuild = DEFAULT, progress: bool = True) -> dict:
