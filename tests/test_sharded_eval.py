@@ -77,10 +77,15 @@ for form in ("fsdp1", "fsdp2"):
     run = RunFolder(Path(cfg.output_dir) / form)
     ranks.on_rank0(run.claim)
     callback = GuardrailCallback(run, cfg, encoder, evalset, ranks)
-    callback.trainer = SimpleNamespace(model=wrapped)
-    ranks.on_rank0(callback.check, callback.measure(wrapped, 0), 0, 0.0)  # step 0, measured by all ranks
     control = TrainerControl()
-    callback.on_step_end(None, SimpleNamespace(global_step=2, epoch=0.5), control, model=inner)
+    state = SimpleNamespace(global_step=0, epoch=0.0, max_steps=4)
+    logged = []  # what rank 0 hands the Trainer's log (every report_to integration)
+    callback.trainer = SimpleNamespace(model=wrapped, state=state, control=control, log=logged.append)
+    ranks.on_rank0(callback.check, callback.measure(wrapped, 0), 0, 0.0)  # step 0, measured by all ranks
+    callback.on_train_begin(None, state, control)  # step 0 reaches the log once the Trainer has begun
+    state.global_step, state.epoch = 2, 0.5  # step 2: an evaluation step, not the last
+    callback.on_step_end(None, state, control, model=inner)
+    result[form]["logged_eval_loss"] = [logs.get("eval_loss") for logs in logged]
     result[form]["stop"] = control.should_training_stop
     ranks.on_rank0(run.release)
 (out / f"rank{ranks.rank}.json").write_text(json.dumps(result, ensure_ascii=False))
@@ -143,6 +148,9 @@ def test_sharded_evaluation_equals_the_single_process_record(toy_ckpt, mini_worl
         for key in LOSSES:
             assert math.isclose(lines[1][key], ref[key], rel_tol=1e-4), (form, key)
         assert ranks[0][form]["stop"] == ranks[1][form]["stop"]
+        # rank 0 logged steps 0 and 2 (what metrics.jsonl holds), the other rank nothing
+        assert ranks[0][form]["logged_eval_loss"] == [r["eval_loss"] for r in lines]
+        assert not ranks[1][form]["logged_eval_loss"]
 
 
 def test_fsdp_and_deepspeed_parameters_are_checked(tmp_path):
