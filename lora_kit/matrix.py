@@ -392,12 +392,14 @@ def mark_queued(folder: Path, job_id: str) -> None:
 def status_table(runs_root: Path | None = None) -> str:
     """A plain-text table of every run folder: status, stop reason, steps, best checkpoint, wall time."""
     runs_root = runs_dir(None) if runs_root is None else Path(runs_root)
-    lines = [f"{'variant':<14}{'status':<15}{'stop reason':<20}{'steps':>6}  {'best checkpoint':<28}{'wall':>7}"]
-    for folder in sorted(p for p in runs_root.glob("*") if p.is_dir()):
+    folders = sorted(p for p in runs_root.glob("*") if p.is_dir())
+    width = max([14, *(len(f.name) + 2 for f in folders)])  # a follow-up's A2_progressive needs more than 14
+    lines = [f"{'variant':<{width}}{'status':<15}{'stop reason':<20}{'steps':>6}  {'best checkpoint':<28}{'wall':>7}"]
+    for folder in folders:
         run = RunFolder(folder)
         s = run.summary() or {}
         best = (s.get("best") or {}).get("checkpoint") or "-"
         wall = (s.get("timings") or {}).get("wall_seconds")
-        lines.append(f"{folder.name:<14}{run.status() or 'missing':<15}{s.get('stop_reason') or '-':<20}"
+        lines.append(f"{folder.name:<{width}}{run.status() or 'missing':<15}{s.get('stop_reason') or '-':<20}"
                      f"{s.get('steps', '-')!s:>6}  {best:<28}{(f'{wall:.0f}s' if wall else '-'):>7}")
     return "\n".join(lines)

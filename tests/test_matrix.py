@@ -62,6 +62,11 @@ def test_finished_runs_are_skipped_and_a_failure_is_recorded_while_the_rest_cont
     assert "lora_rnak" in (runs / "BAD" / "papermill.log").read_text()
     table = status_table(runs)
     assert "BAD" in table and "failed" in table and "completed" in table
+    # a follow-up's long name keeps its own column (it ran into the status as "A2_progressivestopped_early")
+    (runs / "A2_progressive").mkdir()
+    write_json_atomic(runs / "A2_progressive" / "summary.json", {"variant": "A2_progressive", "status": "completed"})
+    row = next(line for line in status_table(runs).splitlines() if line.startswith("A2_progressive"))
+    assert row.split()[:2] == ["A2_progressive", "completed"]
 
 
 def test_dry_run_reports_resume_and_runs_nothing(tmp_path):
