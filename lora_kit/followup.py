@@ -168,7 +168,8 @@ def _run_key(r) -> tuple:
     stages = r.get("stages") if isinstance(r.get("stages"), str) else None
     if stages:
         stages = json.dumps(json.loads(stages), sort_keys=True)
-    return (*(_plain(r.get(k)) for k in _KEYS), None, stages)
+    regex = r.get("target_regex") if isinstance(r.get("target_regex"), str) else None  # NaN in a CSV: none
+    return (*(_plain(r.get(k)) for k in _KEYS), regex, stages)
 
 
 def _around(w, c: dict, done: pd.DataFrame) -> list:

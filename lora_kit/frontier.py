@@ -36,12 +36,13 @@ RUN_COLUMNS = [
     "variant", "llm_last", "vit_last", "model", "lora_rank", "learning_rate", "vit_lr", "seed", "status", "stop_reason",
     "stop_probe", "stop_step", "n_llm_modules", "n_vit_modules", "trainable_parameters", "best_step",
     "best_checkpoint", "best_eval_loss", "feasible", "guardrail_probes", "first_moved", "wall_seconds",
-    "eval_share", "steps", "stages", "stage_outcomes", "run_dir", "setup", "setup_label", "derived_from"]
+    "eval_share", "steps", "stages", "stage_outcomes", "run_dir", "setup", "setup_label", "derived_from",
+    "target_regex"]
 _NOT_METRICS = ("step", "epoch", "eval_loss", "checkpoint", "eval_seconds")  # in the record, not guardrails
 LOSS_TOLERANCE = 0.02  # relative: two losses within 2% of each other are the same (hypothesis_verdicts)
 _TEXT_COLUMNS = ("variant", "model", "status", "stop_reason", "stop_probe", "best_checkpoint", "feasible",
                  "guardrail_probes", "first_moved", "run_dir", "caption_disagree_steps", "setup", "setup_label",
-                 "derived_from", "stages", "stage_outcomes")
+                 "derived_from", "stages", "stage_outcomes", "target_regex")
 
 
 def study_probes(df: pd.DataFrame) -> list[str]:
@@ -135,6 +136,7 @@ def _run_row(folder: Path) -> dict:
         "stage_outcomes": stage_line(summary),
         "setup": setup_id(setup), "setup_label": setup_label(setup),
         "derived_from": cfg.get("derived_from"),  # the variant a follow-up run varies (lora_kit next)
+        "target_regex": cfg.get("target_regex"),  # a run targeted by regex instead of llm_last / vit_last
         "stages": json.dumps(cfg["stages"]) if cfg.get("stages") else None,  # a progressive-unfreezing run
         "caption_disagree_steps": ", ".join(str(r["step"]) for r in records
                                             if isinstance(r.get("caption"), dict) and r["caption"].get("disagree")),

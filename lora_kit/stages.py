@@ -236,6 +236,9 @@ def train_stages(plans: list[StagePlan], *, cfg: RunConfig, run, model, towers: 
         if not any(r["step"] == last for r in callback.history):  # the stage's last step, evaluated and saved
             trainer.save_model(str(run.path / "checkpoints" / f"checkpoint-{last}"))
             final_evaluation(callback, model, last, trainer.state.epoch or 0.0)
+            callback.unreported = []  # the Trainer (its integrations too) has ended: metrics.jsonl alone keeps it
+            log(f"WARNING {cfg.variant_name}: stage {stage.number} ended at step {last} without the callback's "
+                "evaluation; its guardrail record is in metrics.jsonl but reached no report_to integration")
         optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper, unwrapped
         held = _stage_triggers(callback, offset, last)
         end = next(r for r in reversed(callback.history) if r["step"] == last)

@@ -194,3 +194,16 @@ def test_a_progressive_winner_keeps_its_stages_and_gets_no_ladder_of_its_own(tmp
                                           "C2_progressive_lr2x"]
     assert all(v.stages == stages for v in variants)
     assert skipped == ["C2_progressive: no llm_last-1 or progressive variant (it is a progressive run)"]
+
+
+def test_a_finished_follow_up_of_a_regex_winner_counts_as_already_run():
+    """study.csv's row of a run targeted by regex has the same key as the follow-up variant that made it, so `next`
+    skips it instead of refusing its folder as another run (the key held None for every run's regex)."""
+    from lora_kit.followup import Variant, _run_key
+
+    regex = r"model\.language_model\.layers\.7\.self_attn\.(q|v)_proj"
+    values = {"llm_last": 0, "vit_last": 0, "lora_rank": 8, "learning_rate": 1e-3, "vit_lr": 3e-3,
+              "target_regex": regex}
+    row = pd.Series({**values, "variant": "R_r8", "stages": float("nan")})
+    assert _run_key(row) == Variant("R_r8", "R", values, "rank 8").key()
+    assert _run_key(row.drop("target_regex")) != Variant("R_r8", "R", values, "rank 8").key()
