@@ -348,9 +348,9 @@ def kl_to_base(model, encoder: Encoder, es: "EvalSet", cfg, ranks=None, *, prefi
         es._prompts["kl"] = answered()
     encoded = es._prompts["kl"] if cache else answered()
     core = core_model(model)
-    tokens = sum(label != IGNORE_INDEX for e in encoded for label in e.labels)
-    keep_base = cache and es.kl_base_logprobs is None and (
-        tokens * core.lm_head.out_features * 4 <= _available_bytes() // KL_BASE_CACHE_SHARE)
+    keep_base = cache and es.kl_base_logprobs is None and (  # sized once, at the evaluation that would keep them
+        sum(label != IGNORE_INDEX for e in encoded for label in e.labels) * core.lm_head.out_features * 4
+        <= _available_bytes() // KL_BASE_CACHE_SHARE)
     cached_base = es.kl_base_logprobs if cache else None
     new_base: list[torch.Tensor] = []
     sums: dict[str, float] = {}
